@@ -1,0 +1,1 @@
+"""trainbig_jax: train big, then compress."""
