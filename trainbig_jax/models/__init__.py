@@ -1,0 +1,1 @@
+"""Flax networks. One way to build a model from a config: `encoder_config` + `Encoder`."""

@@ -1,0 +1,97 @@
+"""trainbig: one entry point for every stage of the pipeline.
+
+  trainbig train     --config=configs/pretrain.py:demo --workdir=DIR [--config.FIELD=VALUE]
+  trainbig finetune  --config=configs/finetune.py:demo --init_checkpoint=RUN --workdir=DIR
+  trainbig compress  --checkpoint=RUN --config=configs/compress.py:PRESET --out=DIR
+  trainbig eval      --checkpoint=RUN_OR_COMPRESSED [--json]
+  trainbig sweep     --config=configs/sweep.py:demo --workdir=DIR
+  trainbig report    --sweep=DIR
+  trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
+  trainbig demo      [--workdir=DIR]
+
+Errors a user can cause end in one line on stderr and exit status 2; set TRAINBIG_DEBUG=1
+for the full traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file and preset: path.py:PRESET.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (created; resumed if it exists).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A run folder or a compressed checkpoint.')
+_INIT_CHECKPOINT = flags.DEFINE_string('init_checkpoint', None, 'Pretrained run to fine-tune.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (must not exist).')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
+_SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
+_TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
+_SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
+
+COMMANDS = ('train', 'finetune', 'compress', 'eval', 'sweep', 'report', 'plan', 'demo')
+
+
+class UsageError(ValueError):
+  pass
+
+
+def _need(flag, name: str, command: str):
+  if flag.value is None:
+    raise UsageError(f'trainbig {command} needs --{name}.')
+  return flag.value
+
+
+def _train(command: str) -> None:
+  from trainbig_jax.train.pretrain import pretrain
+  config = _need(_CONFIG, 'config', command)
+  summary = pretrain(config, _need(_WORKDIR, 'workdir', command))
+  print(json.dumps(summary.__dict__) if _JSON.value else
+        f'{command}: stopped by {summary.stopped_by} at step {summary.step} after '
+        f'{summary.wall_time_s:.1f}s of training; eval_loss {summary.eval_loss:.4f}, '
+        f'eval_accuracy {summary.eval_accuracy:.4f}')
+
+
+HANDLERS = {'train': _train}
+
+
+def _dispatch(argv: list[str]) -> None:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    given = argv[1] if len(argv) > 1 else '(none)'
+    raise UsageError(f'Unknown command {given!r}; allowed: {", ".join(COMMANDS)}.')
+  if len(argv) > 2:
+    raise UsageError(f'Unexpected arguments {argv[2:]}; options are given as --name=value.')
+  HANDLERS[argv[1]](argv[1])
+
+
+def _main(argv: list[str]) -> None:
+  logging.set_verbosity(logging.INFO)
+  try:
+    _dispatch(argv)
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    if os.environ.get('TRAINBIG_DEBUG'):
+      raise
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'trainbig: error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a bad --config (path, preset, override) as one error line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e.__cause__ or e.__context__
+    print(f'trainbig: error: {cause or e}'.splitlines()[0], file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+  app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  main()

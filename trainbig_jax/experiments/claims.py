@@ -1,0 +1,375 @@
+"""Verdicts on the paper's three claims, computed from a sweep's results and curves alone.
+
+Li et al. (ICML 2020), "Train Big, Then Compress", claim that (1) at equal training wall-clock
+bigger models reach a lower loss, (2) bigger models lose less accuracy when pruned or
+quantized, and (3) so at an equal inference size a compressed big model beats a lightly
+compressed small one. `evaluate_claims` turns each into a precise, checkable rule (see the
+docstrings of the three `claim_*` functions) and returns
+
+  {key: {'claim': str, 'held': True | False | None, 'reason': str | None,
+         'evidence': {...numbers that decide it...}, 'explanation': str}}
+
+with keys CLAIM_KEYS. `held` is None when the data cannot decide (fewer than two sizes,
+missing cells, no comparable pair); `reason` then says what is missing.
+
+"The largest model" is always the model with the most `total_params` in the results (ties
+broken by name). Comparisons are strict: a tie does not count as the largest model winning,
+because a tie is no evidence for the claim.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+CLAIM_KEYS = (
+    'bigger_lower_loss_at_equal_time',
+    'bigger_more_robust_to_compression',
+    'compressed_big_beats_small_at_equal_size',
+)
+CLAIM_TEXT = {
+    'bigger_lower_loss_at_equal_time':
+        'For equal pretraining wall-clock time, the largest model reaches the lowest '
+        'validation MLM loss.',
+    'bigger_more_robust_to_compression':
+        'The largest model loses the least accuracy under pruning and quantization.',
+    'compressed_big_beats_small_at_equal_size':
+        'At an equal stored size, a compressed largest model beats the smaller models.',
+}
+
+Row = Mapping[str, Any]
+Curves = Mapping[str, Mapping[str, Sequence[float]]]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _fmt(x: float) -> str:
+  return f'{x:.4g}'
+
+
+def _mb(nbytes: float) -> str:
+  return f'{nbytes / 1e6:.3g} MB'
+
+
+def model_sizes(results: Iterable[Row]) -> dict[str, int]:
+  """{model: total_params}, ordered from smallest to largest (ties by name)."""
+  sizes: dict[str, int] = {}
+  for r in results:
+    sizes[r['model']] = max(int(r['total_params']), sizes.get(r['model'], 0))
+  return dict(sorted(sizes.items(), key=lambda kv: (kv[1], kv[0])))
+
+
+def _largest(sizes: Mapping[str, int]) -> str:
+  return max(sizes, key=lambda m: (sizes[m], m))
+
+
+def cell_label(r: Row) -> str:
+  """Short human label of a cell's compression, e.g. 'prune 75%' or 'quantize 4-bit'."""
+  method = r['method']
+  if method == 'dense':
+    return 'dense'
+  if method == 'prune':
+    return f'prune {r["sparsity"]:.0%}'
+  if method == 'quantize':
+    return f'quantize {r["bits"]}-bit'
+  if method == 'prune_quantize':
+    return f'prune {r["sparsity"]:.0%} + {r["bits"]}-bit'
+  return f'{method} s={r["sparsity"]:g} b={r["bits"]}'
+
+
+def best_within(rows: Iterable[Row], budget_bytes: float) -> Row | None:
+  """The most accurate row with stored_bytes <= budget (ties: the smaller one), or None."""
+  fitting = [r for r in rows if r['stored_bytes'] <= budget_bytes]
+  if not fitting:
+    return None
+  return max(fitting, key=lambda r: (r['accuracy'], -r['stored_bytes']))
+
+
+def pareto_frontier(results: Iterable[Row]) -> list[Row]:
+  """Cells no other cell beats on both stored size and accuracy, by increasing stored_bytes.
+
+  A cell is on the frontier when its accuracy is strictly higher than that of every cell
+  with fewer or equally many stored bytes, i.e. it is the best model one can serve within
+  its own size.
+  """
+  rows = sorted(results, key=lambda r: (r['stored_bytes'], -r['accuracy']))
+  frontier, best = [], float('-inf')
+  for r in rows:
+    if r['accuracy'] > best:
+      frontier.append(r)
+      best = r['accuracy']
+  return frontier
+
+
+def _null(key: str, reason: str, evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+  return {'claim': CLAIM_TEXT[key], 'held': None, 'reason': reason,
+          'evidence': evidence or {}, 'explanation': f'Not decided: {reason}'}
+
+
+def _verdict(key: str, held: bool, evidence: dict[str, Any], explanation: str
+             ) -> dict[str, Any]:
+  return {'claim': CLAIM_TEXT[key], 'held': bool(held), 'reason': None,
+          'evidence': evidence, 'explanation': explanation}
+
+
+def _mean_accuracy(rows: Iterable[Row]) -> float | None:
+  accs = [float(r['accuracy']) for r in rows]
+  return sum(accs) / len(accs) if accs else None
+
+
+# ----------------------------------------------------------------------------- claim 1
+
+def _loss_at(curve: Mapping[str, Sequence[float]], t: float) -> tuple[float, float, int] | None:
+  """(loss, eval time, step) of the last eval at or before wall-clock t, or None."""
+  best = None
+  for step, wt, loss in zip(curve['step'], curve['wall_time_s'], curve['eval_loss']):
+    if wt <= t and (best is None or wt >= best[1]):
+      best = (float(loss), float(wt), int(step))
+  return best
+
+
+def claim_bigger_lower_loss(results: Sequence[Row], curves: Curves) -> dict[str, Any]:
+  """Claim 1, 'bigger_lower_loss_at_equal_time'.
+
+  Sizes are the models that appear both in the results (for total_params) and in the curves.
+  The common time T is the smallest final eval wall-clock time among those sizes' curves:
+  every size was still training at T, so comparing there is fair even if some runs overshot
+  the budget or were cut short. (The budget itself is not used as T: a final eval logged a
+  fraction of a second past the budget would otherwise be excluded.) Each size's loss at T is
+  that of its last eval at or before T (a step function: no interpolation between evals,
+  which can only favour sizes whose evals are sparser). Held iff the largest model's loss at
+  T is strictly the lowest.
+  """
+  key = CLAIM_KEYS[0]
+  sizes = model_sizes(results)
+  ignored = sorted(set(curves) - set(sizes))
+  models = [m for m in sizes if m in curves and len(curves[m]['eval_loss']) > 0]
+  evidence: dict[str, Any] = {'total_params': {m: sizes[m] for m in models}}
+  if ignored:
+    evidence['ignored_models_without_results'] = ignored
+  if len(models) < 2:
+    return _null(key, f'needs eval curves of at least 2 sizes with results; have '
+                      f'{len(models)} ({", ".join(models) or "none"}).', evidence)
+  largest = _largest(sizes)
+  if largest not in models:
+    return _null(key, f'the largest model {largest} has no pretraining eval curve.', evidence)
+
+  t_common = min(max(curves[m]['wall_time_s']) for m in models)
+  at = {m: _loss_at(curves[m], t_common) for m in models}
+  missing = [m for m in models if at[m] is None]
+  budgets = sorted({float(r['pretrain_budget_s']) for r in results if r['model'] in models})
+  evidence.update({
+      'time_s': t_common,
+      'pretrain_budget_s': budgets[0] if len(budgets) == 1 else budgets,
+      'loss_at_time': {m: at[m][0] for m in models if at[m]},
+      'eval_time_used_s': {m: at[m][1] for m in models if at[m]},
+      'step_at_time': {m: at[m][2] for m in models if at[m]},
+      'largest': largest,
+  })
+  if largest in missing:
+    return _null(key, f'the largest model {largest} has no eval at or before the common time '
+                      f'{_fmt(t_common)} s.', evidence)
+  losses = evidence['loss_at_time']
+  if len(losses) < 2:
+    return _null(key, f'only {largest} has an eval at or before {_fmt(t_common)} s.', evidence)
+  best_other = min((m for m in losses if m != largest), key=lambda m: losses[m])
+  held = losses[largest] < losses[best_other]
+  evidence['lowest_loss_model'] = largest if held else best_other
+  listing = ', '.join(f'{m} {_fmt(losses[m])} (step {evidence["step_at_time"][m]})'
+                      for m in losses)
+  explanation = (
+      f'At {_fmt(t_common)} s of pretraining (the earliest final eval among sizes) the eval '
+      f'losses are {listing}; the largest model {largest} '
+      + ('is lowest' if held else f'is not lowest ({best_other} is)') + '.')
+  if missing:
+    explanation += f' No eval at or before that time for: {", ".join(missing)}.'
+  return _verdict(key, held, evidence, explanation)
+
+
+# ----------------------------------------------------------------------------- claim 2
+
+def _setting(r: Row, method: str) -> float | int:
+  """The compression strength of a cell: its sparsity (pruning) or bit width (quantization)."""
+  return round(float(r['sparsity']), 6) if method == 'prune' else int(r['bits'])
+
+
+def _drop_subverdict(results: Sequence[Row], dense: Mapping[str, float], largest: str,
+                     method: str) -> dict[str, Any]:
+  """Accuracy drop from dense at the harshest setting of `method` that every size has."""
+  name = 'sparsity' if method == 'prune' else 'bits'
+  # Harshest = most weights removed (pruning) or fewest bits (quantization).
+  harshest = max if method == 'prune' else min
+  by_model: dict[str, list[Row]] = defaultdict(list)
+  for r in results:
+    compressed = r['sparsity'] > 0 if method == 'prune' else r['bits'] < 32
+    if r['method'] == method and r['model'] in dense and compressed:
+      by_model[r['model']].append(r)
+  models = [m for m in dense if by_model.get(m)]
+  out: dict[str, Any] = {name: None, 'drop': {}, 'held': None}
+  if largest not in models:
+    out['reason'] = f'the largest model {largest} has no {method} cells.'
+    return out
+  if len(models) < 2:
+    out['reason'] = f'fewer than 2 sizes have both dense and {method} cells.'
+    return out
+  common = set.intersection(*({_setting(r, method) for r in by_model[m]} for m in models))
+  if not common:
+    out['reason'] = f'no {name} value is shared by all sizes under {method}.'
+    return out
+  s = harshest(common)
+  drops = {m: dense[m] - _mean_accuracy(r for r in by_model[m] if _setting(r, method) == s)
+           for m in models}
+  out.update({name: s, 'drop': drops, 'models': models,
+              'held': drops[largest] < min(d for m, d in drops.items() if m != largest)})
+  return out
+
+
+def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
+  """Claim 2, 'bigger_more_robust_to_compression'.
+
+  Per model, dense accuracy is the mean accuracy of its `dense` cells. Two sub-verdicts:
+    pruning:      among sizes with dense and `prune` cells, take the highest sparsity that
+                  all of them have; drop = dense accuracy - accuracy at that sparsity.
+    quantization: among sizes with dense and `quantize` cells, take the lowest bit width
+                  (< 32) that all of them have; drop = dense accuracy - accuracy there.
+  Drops are absolute accuracy points. A sub-verdict holds iff the largest model's drop is
+  strictly the smallest. Rule: the claim holds iff every sub-verdict that can be computed
+  holds (both, when the sweep has both methods); it is null only if neither can be computed.
+  `prune_quantize` cells are not used here (they mix the two effects).
+  """
+  key = CLAIM_KEYS[1]
+  sizes = model_sizes(results)
+  if len(sizes) < 2:
+    return _null(key, f'needs at least 2 model sizes; have {len(sizes)}.')
+  largest = _largest(sizes)
+  dense = {}
+  for m in sizes:
+    acc = _mean_accuracy(r for r in results if r['model'] == m and r['method'] == 'dense')
+    if acc is not None:
+      dense[m] = acc
+  evidence: dict[str, Any] = {
+      'rule': 'held iff the largest model has the strictly smallest accuracy drop in every '
+              'computable sub-verdict (pruning at the highest common sparsity, quantization '
+              'at the lowest common bit width)',
+      'largest': largest, 'dense_accuracy': dense}
+  if largest not in dense:
+    return _null(key, f'the largest model {largest} has no dense cell.', evidence)
+  if len(dense) < 2:
+    return _null(key, 'fewer than 2 sizes have a dense cell.', evidence)
+  prune = _drop_subverdict(results, dense, largest, 'prune')
+  quant = _drop_subverdict(results, dense, largest, 'quantize')
+  evidence.update({'prune': prune, 'quantize': quant})
+  subs = [v['held'] for v in (prune, quant) if v['held'] is not None]
+  if not subs:
+    return _null(key, f'pruning: {prune["reason"]} quantization: {quant["reason"]}', evidence)
+
+  def describe(v: dict[str, Any], what: str) -> str:
+    if v['held'] is None:
+      return f'{what}: not computable ({v["reason"]})'
+    drops = ', '.join(f'{m} {v["drop"][m]:+.3f}' for m in v['drop'])
+    return (f'{what} drops {drops} -> ' + ('largest smallest' if v['held'] else
+                                           'largest not smallest'))
+
+  explanation = (describe(prune, f'at {prune["sparsity"]:.0%} sparsity' if prune['sparsity']
+                          is not None else 'pruning') + '; '
+                 + describe(quant, f'at {quant["bits"]} bits' if quant['bits'] is not None
+                            else 'quantization') + '.')
+  return _verdict(key, all(subs), evidence, explanation[0].upper() + explanation[1:])
+
+
+# ----------------------------------------------------------------------------- claim 3
+
+def light_cells(rows: Iterable[Row]) -> list[Row]:
+  """A model's lightly compressed variants: its dense cells, plus for each compression
+  method the least compressed cell (the one with the most stored bytes)."""
+  rows = list(rows)
+  out = [r for r in rows if r['method'] == 'dense']
+  for method in sorted({r['method'] for r in rows} - {'dense'}):
+    out.append(max((r for r in rows if r['method'] == method),
+                   key=lambda r: (r['stored_bytes'], r['accuracy'])))
+  return out
+
+
+def claim_compressed_big_beats_small(results: Sequence[Row]) -> dict[str, Any]:
+  """Claim 3, 'compressed_big_beats_small_at_equal_size'.
+
+  The candidate budgets are the stored sizes S of every smaller model's light cells (see
+  `light_cells`: dense, and the least compressed cell of each method). A budget is
+  comparable when the largest model has some cell (any method) with stored_bytes <= S. At a
+  comparable budget the largest model wins iff its best cell within S is strictly more
+  accurate than every smaller model's cell within S (any compression, not only the light
+  one), i.e. the best point of the accuracy-vs-size frontier at S comes from the largest
+  model. Held iff the largest model wins at every comparable budget; null if none is
+  comparable (the largest model cannot be compressed below the smaller models' sizes).
+  """
+  key = CLAIM_KEYS[2]
+  sizes = model_sizes(results)
+  if len(sizes) < 2:
+    return _null(key, f'needs at least 2 model sizes; have {len(sizes)}.')
+  largest = _largest(sizes)
+  big_rows = [r for r in results if r['model'] == largest]
+  small_rows = [r for r in results if r['model'] != largest]
+  comparisons, not_comparable = [], []
+  for m in sizes:
+    if m == largest:
+      continue
+    for light in light_cells(r for r in small_rows if r['model'] == m):
+      budget = light['stored_bytes']
+      big = best_within(big_rows, budget)
+      if big is None:
+        not_comparable.append(light['cell'])
+        continue
+      rival = best_within(small_rows, budget)  # never None: `light` itself fits
+      comparisons.append({
+          'budget_mb': budget / 1e6,
+          'small_cell': light['cell'], 'small_model': m, 'small_accuracy': light['accuracy'],
+          'largest_cell': big['cell'], 'largest_label': cell_label(big),
+          'largest_accuracy': big['accuracy'], 'largest_mb': big['stored_bytes'] / 1e6,
+          'best_smaller_cell': rival['cell'], 'best_smaller_accuracy': rival['accuracy'],
+          'largest_wins': big['accuracy'] > rival['accuracy'],
+      })
+  evidence: dict[str, Any] = {
+      'largest': largest, 'comparisons': comparisons, 'not_comparable': not_comparable,
+      'smallest_largest_mb': min(r['stored_bytes'] for r in big_rows) / 1e6 if big_rows
+      else None}
+  if not big_rows:
+    return _null(key, f'the largest model {largest} has no evaluated cells.', evidence)
+  if not comparisons:
+    return _null(key, f'no smaller-model light cell is as large as the smallest cell of '
+                      f'{largest} ({_mb(min(r["stored_bytes"] for r in big_rows))}).', evidence)
+  won = [c for c in comparisons if c['largest_wins']]
+  evidence['won'] = len(won)
+  held = len(won) == len(comparisons)
+  lost = [c for c in comparisons if not c['largest_wins']]
+  # Cite a loss when it failed, else the tightest budget it won.
+  c = lost[0] if lost else min(comparisons, key=lambda c: c['budget_mb'])
+  explanation = (
+      f'{largest} had the best cell within budget at {len(won)}/{len(comparisons)} '
+      f'comparable budgets ({min(x["budget_mb"] for x in comparisons):.3g}-'
+      f'{max(x["budget_mb"] for x in comparisons):.3g} MB); at {c["budget_mb"]:.3g} MB '
+      f'({c["small_model"]} {c["small_cell"]} scores {c["small_accuracy"]:.3f}) {largest} '
+      f'{c["largest_label"]} ({c["largest_mb"]:.3g} MB) scores {c["largest_accuracy"]:.3f} vs '
+      f'the best smaller cell {c["best_smaller_cell"]} at {c["best_smaller_accuracy"]:.3f}.')
+  return _verdict(key, held, evidence, explanation)
+
+
+# ----------------------------------------------------------------------------- all
+
+def evaluate_claims(results: Sequence[Row], curves: Curves) -> dict[str, dict[str, Any]]:
+  """Verdicts on the three claims, keyed by CLAIM_KEYS (see the module docstring).
+
+  `results` are the rows of results.jsonl (see `results.load_results`), `curves` the eval
+  curves of `results.load_curves`. With fewer than two model sizes every verdict is null.
+  The output is plain JSON-serialisable data.
+  """
+  results = list(results)
+  sizes = model_sizes(results)
+  if len(sizes) < 2:
+    reason = (f'the sweep has {len(sizes)} model size(s) with results '
+              f'({", ".join(sizes) or "none"}); comparing sizes needs at least 2.')
+    return {k: _null(k, reason) for k in CLAIM_KEYS}
+  return {
+      CLAIM_KEYS[0]: claim_bigger_lower_loss(results, curves),
+      CLAIM_KEYS[1]: claim_bigger_more_robust(results),
+      CLAIM_KEYS[2]: claim_compressed_big_beats_small(results),
+  }

@@ -1,0 +1,293 @@
+"""The sweep report: claims verdicts, a results table and figures, from a sweep directory.
+
+`write_report(DIR)` reads DIR/results.jsonl and DIR/runs/*/pretrain/metrics.jsonl and writes
+
+  DIR/report.md            title, claims table, results table, figures, notes
+  DIR/claims.json          evaluate_claims(...) as JSON
+  DIR/loss_vs_time.png     validation MLM loss vs wall-clock seconds and vs steps, per size
+  DIR/prune_accuracy.png   accuracy vs nonzero parameters under pruning, per size
+  DIR/quant_accuracy.png   accuracy vs stored MB under quantization, per size
+  DIR/frontier.png         best accuracy at each stored size: the Pareto frontier
+
+A figure with nothing to draw (e.g. a sweep without quantization) is not written, and the
+report says so. Figures are drawn on matplotlib's Agg canvas directly, so writing a report
+never changes the pyplot backend of the calling program (a notebook keeps its own).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import matplotlib as mpl
+
+from trainbig_jax.experiments import claims as claims_lib
+from trainbig_jax.experiments import plan as plan_lib
+from trainbig_jax.experiments import results as results_lib
+
+Row = Mapping[str, Any]
+Curves = Mapping[str, Mapping[str, Sequence[float]]]
+
+FIGURES = ('loss_vs_time.png', 'prune_accuracy.png', 'quant_accuracy.png', 'frontier.png')
+WALL_CLOCK_NOTE = ('Wall-clock times count training steps only: evaluation and checkpointing '
+                   'are excluded, so sizes are compared on the time spent learning.')
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _model_order(results: Sequence[Row], curves: Curves) -> list[str]:
+  """Models from smallest to largest; models seen only in curves go last, by name."""
+  sizes = claims_lib.model_sizes(results)
+  return list(sizes) + sorted(set(curves) - set(sizes))
+
+
+def _colors(models: Sequence[str]) -> dict[str, Any]:
+  # One colour per size, dark (small) to bright (large), the same in every figure.
+  cmap = mpl.colormaps['viridis']
+  n = max(len(models) - 1, 1)
+  return {m: cmap(0.85 * i / n) for i, m in enumerate(models)}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def plot_loss_vs_time(curves: Curves, order: Sequence[str], path: Path,
+                      common_time_s: float | None = None) -> Path | None:
+  """Two panels: eval loss vs wall-clock seconds and vs steps, one curve per size."""
+  models = [m for m in order if m in curves and curves[m]['eval_loss']]
+  if not models:
+    return None
+  colors = _colors(order)
+  fig = Figure(figsize=(11, 4.2), layout='constrained')
+  ax_t, ax_s = fig.subplots(1, 2, sharey=True)
+  for m in models:
+    c = curves[m]
+    ax_t.plot(c['wall_time_s'], c['eval_loss'], marker='o', ms=3, color=colors[m], label=m)
+    ax_s.plot(c['step'], c['eval_loss'], marker='o', ms=3, color=colors[m], label=m)
+  if common_time_s is not None:
+    ax_t.axvline(common_time_s, color='grey', ls='--', lw=1, label='common time (claim 1)')
+  ax_t.set_xlabel('pretraining wall-clock (s, excl. eval/checkpoint)')
+  ax_s.set_xlabel('pretraining step')
+  ax_t.set_ylabel('validation MLM loss')
+  ax_t.set_title('loss vs wall-clock time')
+  ax_s.set_title('loss vs steps')
+  for ax in (ax_t, ax_s):
+    ax.grid(alpha=0.3)
+  ax_t.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _accuracy_plot(results: Sequence[Row], order: Sequence[str], path: Path,
+                   keep: Callable[[Row], bool], x: Callable[[Row], float], xlabel: str,
+                   title: str, annotate: Callable[[Row], str]) -> Path | None:
+  rows = [r for r in results if keep(r)]
+  # A size with only its dense cell has no curve to show: require a compressed cell.
+  models = [m for m in order if any(r['model'] == m and r['method'] != 'dense' for r in rows)]
+  if not models:
+    return None
+  colors = _colors(order)
+  fig = Figure(figsize=(6.5, 4.5), layout='constrained')
+  ax = fig.subplots()
+  for m in models:
+    pts = sorted((x(r), r['accuracy'], annotate(r)) for r in rows if r['model'] == m)
+    xs, ys, labels = zip(*pts)
+    ax.plot(xs, ys, marker='o', color=colors[m], label=m)
+    for xi, yi, lab in pts:
+      ax.annotate(lab, (xi, yi), textcoords='offset points', xytext=(3, 3), fontsize=6,
+                  color=colors[m])
+  ax.set_xscale('log')
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel('downstream validation accuracy')
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_prune_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
+                        ) -> Path | None:
+  """Accuracy vs nonzero parameters (log x) under pruning; dense is sparsity 0."""
+  return _accuracy_plot(
+      results, order, path, keep=lambda r: r['method'] in ('dense', 'prune'),
+      x=lambda r: r['nonzero_params'], xlabel='nonzero parameters (log)',
+      title='magnitude pruning', annotate=lambda r: f'{r["sparsity"]:.0%}')
+
+
+def plot_quant_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
+                        ) -> Path | None:
+  """Accuracy vs stored MB (log x) under quantization; dense is the 32-bit point."""
+  return _accuracy_plot(
+      results, order, path, keep=lambda r: r['method'] in ('dense', 'quantize'),
+      x=lambda r: r['stored_bytes'] / 1e6, xlabel='stored weights (MB, log)',
+      title='weight quantization', annotate=lambda r: f'{r["bits"]}b')
+
+
+def plot_frontier(results: Sequence[Row], order: Sequence[str], path: Path) -> Path | None:
+  """Every cell (faint) and the Pareto frontier of accuracy vs stored MB, coloured by size."""
+  if not results:
+    return None
+  colors = _colors(order)
+  frontier = claims_lib.pareto_frontier(results)
+  fig = Figure(figsize=(6.5, 4.5), layout='constrained')
+  ax = fig.subplots()
+  for m in order:
+    rows = [r for r in results if r['model'] == m]
+    if rows:
+      ax.scatter([r['stored_bytes'] / 1e6 for r in rows], [r['accuracy'] for r in rows],
+                 s=14, color=colors[m], alpha=0.35, label=f'{m} (all cells)')
+  # The frontier as a step: the best accuracy available at or below each size.
+  xs = [r['stored_bytes'] / 1e6 for r in frontier]
+  ys = [r['accuracy'] for r in frontier]
+  ax.step(xs, ys, where='post', color='black', lw=1, label='frontier')
+  for r in frontier:
+    ax.scatter([r['stored_bytes'] / 1e6], [r['accuracy']], s=60, color=colors[r['model']],
+               edgecolors='black', zorder=3)
+    ax.annotate(claims_lib.cell_label(r), (r['stored_bytes'] / 1e6, r['accuracy']),
+                textcoords='offset points', xytext=(4, -10), fontsize=6)
+  ax.set_xscale('log')
+  ax.set_xlabel('inference budget: stored weights (MB, log)')
+  ax.set_ylabel('best downstream validation accuracy')
+  ax.set_title('accuracy frontier across sizes and compressions')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _held_text(held: bool | None) -> str:
+  return {True: 'yes', False: 'no', None: 'n/a'}[held]
+
+
+def claims_table(claims: Mapping[str, Mapping[str, Any]], width: int = 100) -> str:
+  """A plain-text table of verdicts for the terminal: claim key | held | decisive numbers."""
+  key_w = max([len('claim')] + [len(k) for k in claims])
+  held_w = len('held')
+  text_w = max(width - key_w - held_w - 6, 30)
+  sep = f'{"-" * key_w}-+-{"-" * held_w}-+-{"-" * text_w}'
+  lines = [f'{"claim":<{key_w}} | {"held":<{held_w}} | decisive numbers', sep]
+  for key, c in claims.items():
+    wrapped = textwrap.wrap(c['explanation'], text_w) or ['']
+    lines.append(f'{key:<{key_w}} | {_held_text(c["held"]):<{held_w}} | {wrapped[0]}')
+    lines += [f'{"":<{key_w}} | {"":<{held_w}} | {w}' for w in wrapped[1:]]
+  return '\n'.join(lines)
+
+
+def _md(text: Any) -> str:
+  return str(text).replace('|', '\\|').replace('\n', ' ')
+
+
+def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
+  rank = {m: i for i, m in enumerate(order)}
+  method_rank = {m: i for i, m in enumerate(results_lib.METHODS)}
+  rows = sorted(results, key=lambda r: (rank.get(r['model'], len(rank)),
+                                        method_rank.get(r['method'], len(method_rank)),
+                                        r['sparsity'], -r['bits']))
+  out = ['| model | params | steps | pretrain loss | method | sparsity | bits | MB | accuracy |',
+         '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |']
+  for r in rows:
+    out.append(f'| {_md(r["model"])} | {r["total_params"]:,} | {r["pretrain_steps"]} | '
+               f'{r["pretrain_eval_loss"]:.4f} | {r["method"]} | {r["sparsity"]:.0%} | '
+               f'{r["bits"]} | {r["stored_bytes"] / 1e6:.3f} | {r["accuracy"]:.4f} |')
+  return out
+
+
+def _fits_table(curves: Curves, order: Sequence[str]) -> list[str]:
+  fits = plan_lib.fit_learning_curves(curves)
+  if not fits:
+    return []
+  out = ['| model | form | a | b | c (loss floor) | evals | fitted span (s) | rmse |',
+         '| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |']
+  for m in order:
+    if m in fits:
+      f = fits[m]
+      out.append(f'| {_md(m)} | {f.form} | {f.a:.4g} | {f.b:.3f} | {f.c:.4f} | {f.n_points} '
+                 f'| {f.t_min_s:.3g}-{f.t_max_s:.3g} | {f.rmse:.3g} |')
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(sweep_dir: str | Path) -> Path:
+  """Writes report.md, claims.json and the figures into `sweep_dir`; returns report.md's path.
+
+  Everything is recomputed from the sweep's files, so rerunning after more cells finish (or
+  after an interrupted sweep resumes) refreshes all outputs. Figures with no data are
+  removed if left over from an earlier report, so no stale figure survives.
+  """
+  sweep_dir = Path(sweep_dir)
+  if not sweep_dir.is_dir():
+    raise results_lib.ResultsError(f'Sweep directory {sweep_dir} does not exist.')
+  results = results_lib.load_results(sweep_dir)
+  curves = results_lib.load_curves(sweep_dir)
+  if not results and not curves:
+    raise results_lib.ResultsError(
+        f'{sweep_dir} has neither {results_lib.RESULTS_FILE} nor runs/*/pretrain/metrics.jsonl;'
+        f' run `trainbig sweep --workdir={sweep_dir}` first.')
+  config = results_lib.load_sweep_config(sweep_dir)
+  verdicts = claims_lib.evaluate_claims(results, curves)
+  (sweep_dir / 'claims.json').write_text(json.dumps(verdicts, indent=2) + '\n',
+                                         encoding='utf-8')
+
+  order = _model_order(results, curves)
+  common_t = verdicts[claims_lib.CLAIM_KEYS[0]]['evidence'].get('time_s')
+  drawn = {
+      'loss_vs_time.png': plot_loss_vs_time(curves, order, sweep_dir / 'loss_vs_time.png',
+                                            common_t),
+      'prune_accuracy.png': plot_prune_accuracy(results, order,
+                                                sweep_dir / 'prune_accuracy.png'),
+      'quant_accuracy.png': plot_quant_accuracy(results, order,
+                                                sweep_dir / 'quant_accuracy.png'),
+      'frontier.png': plot_frontier(results, order, sweep_dir / 'frontier.png'),
+  }
+  for name, path in drawn.items():
+    if path is None:
+      (sweep_dir / name).unlink(missing_ok=True)
+
+  label = config.get('name') or config.get('preset') or sweep_dir.name
+  md = [f'# Train big, then compress: sweep report ({_md(label)})', '',
+        f'Sweep directory: `{sweep_dir}`. {len(order)} model size(s), {len(results)} '
+        f'evaluated cell(s).', '',
+        '## Claims (Li et al., ICML 2020)', '',
+        '| claim | held | decisive numbers |', '| --- | --- | --- |']
+  for key, c in verdicts.items():
+    md.append(f'| **{key}**: {_md(c["claim"])} | {_held_text(c["held"])} | '
+              f'{_md(c["explanation"])} |')
+  md += ['', 'Definitions are in `trainbig_jax/experiments/claims.py`; the numbers behind '
+         'each verdict are in `claims.json`.', '']
+
+  md += ['## Figures', '']
+  captions = {
+      'loss_vs_time.png': 'Validation MLM loss vs wall-clock time and vs steps',
+      'prune_accuracy.png': 'Accuracy vs nonzero parameters under magnitude pruning',
+      'quant_accuracy.png': 'Accuracy vs stored size under weight quantization',
+      'frontier.png': 'Best accuracy at each inference budget (Pareto frontier)',
+  }
+  for name, path in drawn.items():
+    if path is None:
+      md += [f'*{captions[name]}: no data in this sweep.*', '']
+    else:
+      md += [f'![{captions[name]}]({name})', '']
+
+  md += ['## Results', '']
+  md += _results_table(results, order) if results else ['*No evaluated cells yet.*']
+  md.append('')
+  fits = _fits_table(curves, order)
+  if fits:
+    md += ['## Learning-curve fits', '',
+           'Per size, eval loss L(t) = a * t^(-b) + c with t in wall-clock seconds '
+           '(`trainbig_jax/experiments/plan.py`; used to recommend a size for another '
+           'budget).', ''] + fits + ['']
+  md += ['## Notes', '', f'- {WALL_CLOCK_NOTE}',
+         '- MB are 10^6 bytes of the stored model weights as the sweep measured them '
+         '(`stored_bytes`: the compressed storage, not a fp32 copy).', '']
+  report = sweep_dir / 'report.md'
+  report.write_text('\n'.join(md), encoding='utf-8')
+  return report

@@ -1,0 +1,138 @@
+"""Reading a sweep's outputs: the per-cell results table and the pretraining eval curves.
+
+A sweep directory holds (written by `trainbig sweep`):
+  results.jsonl                        one JSON object per evaluated cell (model x compression)
+  runs/<model>/pretrain/metrics.jsonl  one JSON object per logged step; eval lines carry eval_loss
+  sweep.json                           the sweep's config (optional; only used for labels)
+
+A sweep may be interrupted mid-write, so a final line that is not valid JSON is ignored; a
+broken line anywhere else means the file is damaged and is reported with its line number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = 'results.jsonl'
+SWEEP_CONFIG_FILE = 'sweep.json'
+
+# Keys every results.jsonl line must have: the claims and the report read all of them.
+REQUIRED_KEYS = (
+    'model', 'layers', 'hidden', 'total_params', 'pretrain_budget_s', 'pretrain_steps',
+    'pretrain_wall_s', 'pretrain_eval_loss', 'method', 'sparsity', 'bits', 'nonzero_params',
+    'stored_bytes', 'dense_fp32_bytes', 'accuracy',
+)
+# Keys that may be absent (older or hand-made files); filled with these defaults.
+OPTIONAL_KEYS = ('eval_loss', 'cell')
+METHODS = ('dense', 'prune', 'quantize', 'prune_quantize')
+
+
+class ResultsError(ValueError):
+  """A sweep output file is missing or malformed."""
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, object) for every JSON line; a final partial line is dropped."""
+  lines = path.read_text(encoding='utf-8').splitlines()
+  # Index of the last non-blank line: the only one allowed to be a partial write.
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == last:
+        break  # interrupted write: the record was never complete
+      raise ResultsError(f'{path}, line {i + 1}: not valid JSON ({e.msg}).') from None
+    if not isinstance(obj, dict):
+      if i == last:
+        break
+      raise ResultsError(f'{path}, line {i + 1}: expected a JSON object, got '
+                         f'{type(obj).__name__}.')
+    records.append((i + 1, obj))
+  return records
+
+
+def _default_cell_id(row: dict[str, Any]) -> str:
+  return f"{row['model']}/{row['method']}/s{row['sparsity']:g}/b{row['bits']}"
+
+
+def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
+  """All cells of `sweep_dir/results.jsonl`, in file order.
+
+  Every line must carry REQUIRED_KEYS (else ResultsError naming the file, line and key);
+  `eval_loss` defaults to None and `cell` to 'model/method/s<sparsity>/b<bits>'. Extra keys
+  are kept untouched. If a cell id appears twice (a resumed sweep re-evaluated it), the later
+  line wins, since it is the newer measurement. A missing file gives an empty list so that a
+  report can still be drawn from the curves of a sweep interrupted before any evaluation.
+  """
+  path = Path(sweep_dir) / RESULTS_FILE
+  if not path.exists():
+    return []
+  by_cell: dict[str, dict[str, Any]] = {}
+  for lineno, row in _read_jsonl(path):
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+      raise ResultsError(f'{path}, line {lineno}: missing key {missing[0]!r}'
+                         + (f' (and {", ".join(map(repr, missing[1:]))})' if missing[1:] else '')
+                         + f'; every line needs: {", ".join(REQUIRED_KEYS)}.')
+    for k in ('total_params', 'sparsity', 'bits', 'nonzero_params', 'stored_bytes', 'accuracy'):
+      v = row[k]
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ResultsError(f'{path}, line {lineno}: key {k!r} must be a finite number, '
+                           f'got {v!r}.')
+    row = dict(row)
+    row.setdefault('eval_loss', None)
+    if not row.get('cell'):
+      row['cell'] = _default_cell_id(row)
+    by_cell.pop(row['cell'], None)  # re-insert so the order is that of the newest line
+    by_cell[row['cell']] = row
+  return list(by_cell.values())
+
+
+def load_curves(sweep_dir: str | Path) -> dict[str, dict[str, list[float]]]:
+  """Pretraining eval curves: {model: {'step': [...], 'wall_time_s': [...], 'eval_loss': [...]}}.
+
+  Read from `sweep_dir/runs/<model>/pretrain/metrics.jsonl`; eval lines are those with a
+  non-null `eval_loss` (train lines and other keys are ignored). Points are sorted by step;
+  when a step was logged twice (a resumed run), the later line wins. Models without a
+  metrics file or without any eval line are left out.
+  """
+  curves: dict[str, dict[str, list[float]]] = {}
+  runs = Path(sweep_dir) / 'runs'
+  if not runs.is_dir():
+    return curves
+  for metrics in sorted(runs.glob('*/pretrain/metrics.jsonl')):
+    model = metrics.parent.parent.name
+    by_step: dict[int, tuple[float, float]] = {}
+    for lineno, rec in _read_jsonl(metrics):
+      if rec.get('eval_loss') is None:
+        continue
+      if 'step' not in rec or 'wall_time_s' not in rec:
+        key = 'step' if 'step' not in rec else 'wall_time_s'
+        raise ResultsError(f'{metrics}, line {lineno}: eval line without {key!r}.')
+      by_step[int(rec['step'])] = (float(rec['wall_time_s']), float(rec['eval_loss']))
+    if not by_step:
+      continue
+    steps = sorted(by_step)
+    curves[model] = {
+        'step': steps,
+        'wall_time_s': [by_step[s][0] for s in steps],
+        'eval_loss': [by_step[s][1] for s in steps],
+    }
+  return curves
+
+
+def load_sweep_config(sweep_dir: str | Path) -> dict[str, Any]:
+  """`sweep_dir/sweep.json` as a dict, or {} when absent or unreadable (labels only)."""
+  path = Path(sweep_dir) / SWEEP_CONFIG_FILE
+  try:
+    cfg = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, json.JSONDecodeError):
+    return {}
+  return cfg if isinstance(cfg, dict) else {}

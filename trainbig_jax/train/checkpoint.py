@@ -1,0 +1,119 @@
+"""Run folders and Orbax checkpoints.
+
+A run folder (WORKDIR) holds:
+  config.json       the resolved config of the run
+  tokenizer.model   the SentencePiece model (travels with every checkpoint)
+  metrics.jsonl     one JSON object a line (see metrics.py)
+  checkpoints/N/    Orbax steps with items 'state' (step, params, opt_state),
+                    'data' (the data iterator's state) and 'progress' (training wall-clock
+                    seconds and tokens so far)
+Orbax writes each step into a temporary folder and renames it when complete, so an
+interrupted save never shadows the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.model'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint named by the user is missing, incomplete or incompatible."""
+
+
+def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
+  # Synchronous saves: the time they take is excluded from the training clock, which an
+  # overlapping async save would blur.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+                               item_names=('state', 'data', 'progress'))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
+         progress: dict[str, Any]) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      progress=ocp.args.JsonSave(progress)), force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, target_state: Any, step: int | None = None):
+  """(state, data_state, progress) of `step` (default latest), or None when there is none."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target_state),
+      data=ocp.args.JsonRestore(),
+      progress=ocp.args.JsonRestore()))
+  return restored['state'], restored['data'], restored['progress']
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Saves the run's config; a resumed run must have the same model and data settings."""
+  path = Path(workdir) / CONFIG_FILE
+  if path.exists():
+    old = json.loads(path.read_text())
+    new = json.loads(config.to_json())
+    for section in ('model', 'data'):
+      if old.get(section) != new.get(section):
+        diffs = sorted(k for k in set(old.get(section, {})) | set(new.get(section, {}))
+                       if old.get(section, {}).get(k) != new.get(section, {}).get(k))
+        raise CheckpointError(
+            f'{workdir} holds a run with other {section} settings ({", ".join(diffs)}); '
+            f'use a new --workdir or the same config.')
+  tmp = path.with_suffix('.json.tmp')
+  tmp.write_text(config.to_json(indent=2))
+  os.replace(tmp, path)
+
+
+def read_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = Path(run_dir) / CONFIG_FILE
+  if not path.exists():
+    raise CheckpointError(f'{run_dir} is not a trainbig run folder: it has no {CONFIG_FILE}.')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def latest_step_dir(run_dir: str | os.PathLike) -> Path:
+  """The newest complete checkpoint step folder of a run."""
+  ckpt_root = Path(run_dir) / CHECKPOINT_DIR
+  steps = ocp.utils.checkpoint_steps(ckpt_root) if ckpt_root.exists() else []
+  if not steps:
+    raise CheckpointError(f'{run_dir} has no complete checkpoint under {ckpt_root}.')
+  return ckpt_root / str(max(steps))
+
+
+def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+  """The parameter tree (host numpy arrays) of a run's latest (or given) checkpoint.
+
+  Reads only what is stored, without needing the optimizer that wrote it, so any Orbax user
+  can do the same.
+  """
+  step_dir = latest_step_dir(run_dir) if step is None else Path(run_dir) / CHECKPOINT_DIR / str(step)
+  state_dir = step_dir / 'state'
+  if not state_dir.exists():
+    raise CheckpointError(f'{step_dir} is not a complete checkpoint: no state item.')
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(state_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
+    restore_args = _numpy_restore_args(tree)
+    state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return state['params']
+
+
+def _numpy_restore_args(tree):
+  import jax
+  import numpy as np
+  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                      is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))

@@ -1,0 +1,199 @@
+"""The one train loop: pretraining and fine-tuning both run through `run`.
+
+It stops at `train.total_steps` or when the training clock reaches `train.budget_s`, whichever
+comes first (the paper compares model sizes at equal wall-clock). The clock counts only
+training steps (data loading included): compilation, evaluation and checkpointing are
+excluded. SIGTERM (a preempted job) saves a checkpoint and returns cleanly; a rerun with the
+same workdir resumes at the same step and data position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trainbig_jax.train import checkpoint, partitioning
+from trainbig_jax.train.metrics import MetricWriter
+from trainbig_jax.train.state import (TrainState, abstract_state, create_sharded_state,
+                                      learning_rate_schedule)
+from trainbig_jax.train.steps import SumsFn, make_eval_step, make_train_step
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Job:
+  """What differs between pretraining and fine-tuning; the loop does the rest."""
+  config: ml_collections.ConfigDict
+  workdir: Path
+  sums_fn: SumsFn
+  init_params: Callable[[jax.Array], Any]  # rng -> boxed params (logical axis names)
+  train_iterator: Iterator[Batch]  # grain iterator: get_state() / set_state()
+  eval_batches: Callable[[], Iterable[Batch]]
+  tx: optax.GradientTransformation
+  # Called after each evaluation with (step, state, eval metrics); fine-tuning keeps its best.
+  on_eval: Callable[[int, TrainState, dict[str, float]], None] | None = None
+
+
+@dataclasses.dataclass
+class Summary:
+  step: int
+  wall_time_s: float
+  tokens: float
+  eval_loss: float | None
+  eval_accuracy: float | None
+  stopped_by: str  # 'steps' | 'budget' | 'signal'
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT so the loop can checkpoint before exiting."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _progress_bar(total: int, initial: int):
+  # A live bar on a terminal, nothing in log files (evaluations are logged instead).
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+              disable=not sys.stderr.isatty(), leave=False)
+
+
+def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, float]:
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, partitioning.global_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  if totals is None:
+    raise ValueError('The evaluation split gave no batches.')
+  totals = jax.device_get(totals)
+  weight = max(float(totals['weight']), 1.0)
+  return {'eval_loss': float(totals['loss']) / weight,
+          'eval_accuracy': float(totals['correct']) / weight}
+
+
+def run(job: Job) -> Summary:
+  config, tc = job.config, job.config.train
+  workdir = Path(job.workdir)
+  mesh = partitioning.make_mesh(config.mesh.shape)
+  rules = partitioning.LOGICAL_AXIS_RULES
+  state, state_shardings = create_sharded_state(
+      job.init_params, job.tx, mesh, jax.random.key(config.seed))
+
+  mngr = checkpoint.manager(workdir, keep=tc.keep_checkpoints)
+  progress = {'wall_time_s': 0.0, 'tokens': 0.0}
+  restored = checkpoint.restore(mngr, abstract_state(state_shardings, state))
+  if restored is not None:
+    state, data_state, progress = restored
+    job.train_iterator.set_state(data_state)
+    logging.info('Resumed from step %d of %s.', int(state.step), workdir)
+  step = int(state.step)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
+                        resume_step=step if restored is not None else None)
+
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(
+      make_train_step(job.sums_fn, job.tx, tc.grad_accum_steps),
+      in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(job.sums_fn),
+                      in_shardings=(state_shardings.params, partitioning.batch_sharding(mesh)),
+                      out_shardings=replicated)
+  dropout_rng = jax.random.key(config.seed + 1)
+  schedule_lr = learning_rate_schedule(tc)
+
+  def run_eval(state):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      metrics = evaluate(eval_step, state.params, job.eval_batches(), mesh)
+    row = {'step': int(state.step), 'wall_time_s': progress['wall_time_s'], **metrics}
+    writer.write(row)
+    logging.info('step %d  wall %.1fs  eval_loss %.4f  eval_accuracy %.4f', row['step'],
+                 row['wall_time_s'], metrics['eval_loss'], metrics['eval_accuracy'])
+    if job.on_eval is not None:
+      job.on_eval(int(state.step), state, metrics)
+    return metrics
+
+  def save(state):
+    checkpoint.save(mngr, int(state.step), state, job.train_iterator.get_state(), progress)
+
+  last_eval = None
+  stopped_by = 'steps'
+  with _StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if restored is None:
+      last_eval = run_eval(state)
+    compiled = None
+    bar = _progress_bar(tc.total_steps, step)
+    while step < tc.total_steps:
+      if tc.budget_s and progress['wall_time_s'] >= tc.budget_s:
+        stopped_by = 'budget'
+        break
+      if stop.signal_name:
+        stopped_by = 'signal'
+        break
+      t0 = time.perf_counter()
+      batch = partitioning.global_batch(next(job.train_iterator), mesh)
+      if compiled is None:  # compile outside the training clock
+        compiled = train_step.lower(state, batch, dropout_rng).compile()
+        t0 = time.perf_counter()
+      state, metrics = compiled(state, batch, dropout_rng)
+      metrics = jax.device_get(metrics)  # waits for the step: the clock sees real work
+      dt = time.perf_counter() - t0
+      step += 1
+      progress['wall_time_s'] += dt
+      progress['tokens'] += float(metrics['tokens'])
+      bar.update(1)
+      bar.set_postfix(loss=f'{metrics["train_loss"]:.3f}',
+                      tok_s=f'{metrics["tokens"] / max(dt, 1e-9):,.0f}')
+      if step % tc.log_every == 0 or step == tc.total_steps:
+        writer.write({'step': step, 'wall_time_s': progress['wall_time_s'],
+                      'tokens': progress['tokens'], 'train_loss': metrics['train_loss'],
+                      'train_accuracy': metrics['train_accuracy'],
+                      'grad_norm': metrics['grad_norm'],
+                      'learning_rate': float(schedule_lr(step - 1))})
+      if step % tc.eval_every == 0:
+        last_eval = run_eval(state)
+      if step % tc.checkpoint_every == 0:
+        save(state)
+    bar.close()
+    if last_eval is None or step % tc.eval_every != 0:
+      if stopped_by != 'signal':
+        last_eval = run_eval(state)
+    if mngr.latest_step() != step:
+      save(state)
+  mngr.close()
+  writer.close()
+  if stopped_by == 'signal':
+    logging.warning('Stopped by %s at step %d; checkpoint saved, rerun to resume.',
+                    stop.signal_name, step)
+  return Summary(step=step, wall_time_s=progress['wall_time_s'], tokens=progress['tokens'],
+                 eval_loss=last_eval and last_eval['eval_loss'],
+                 eval_accuracy=last_eval and last_eval['eval_accuracy'], stopped_by=stopped_by)
+

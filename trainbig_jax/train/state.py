@@ -1,0 +1,90 @@
+"""Optimizer, train state and its sharded initialisation.
+
+The state is created directly in its sharded layout: `jax.eval_shape` gives the abstract
+state with logical axis names, the names become NamedShardings, and the init function is
+jitted with those as out_shardings, so no device ever holds a full unsharded copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from trainbig_jax.train import partitioning
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+
+def path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """True for kernels and embeddings; biases and LayerNorm parameters get no decay."""
+  def decays(path, _):
+    p = path_str(path)
+    return not (p.endswith('bias') or 'norm/' in p)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """Linear warmup to the peak rate, then linear decay to zero at total_steps."""
+  lr, warmup = train_config.learning_rate, train_config.warmup_steps
+  decay_steps = max(1, train_config.total_steps - warmup)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(1, warmup)), optax.linear_schedule(lr, 0.0, decay_steps)],
+      [warmup])
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW (decay masked off biases and LayerNorm) after global-norm gradient clipping."""
+  adamw = optax.adamw(learning_rate_schedule(train_config), b1=train_config.b1,
+                      b2=train_config.b2, eps=train_config.eps,
+                      weight_decay=train_config.weight_decay, mask=weight_decay_mask)
+  if train_config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw)
+  return adamw
+
+
+def create_sharded_state(
+    init_params: Callable[[jax.Array], PyTree],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+) -> tuple[TrainState, PyTree]:
+  """Initialises the train state sharded over `mesh`; returns it and its shardings.
+
+  `init_params(rng)` returns a parameter tree boxed with logical axis names (what
+  `model.init(...)['params']` gives). The optimizer state is derived from the boxed tree so it
+  inherits the same names.
+  """
+  def boxed_state(rng):
+    params = init_params(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(boxed_state, rng)
+  shardings = partitioning.logical_shardings(nn.get_partition_spec(abstract), mesh)
+  init = jax.jit(lambda r: nn.meta.unbox(boxed_state(r)), out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+    state = init(rng)
+  return state, shardings
+
+
+def abstract_state(state_shardings: PyTree, state_shapes: PyTree) -> PyTree:
+  """ShapeDtypeStructs carrying shardings: the restore target for a checkpoint."""
+  return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state_shardings, state_shapes)
