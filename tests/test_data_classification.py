@@ -63,19 +63,18 @@ def _build(data_dir: Path, csv_path: Path) -> None:
 
 @pytest.fixture(scope='module')
 def data_dirs(tmp_path_factory, corpus_csv) -> tuple[str, str]:
-  """Two data folders, each with the dataset prepared from scratch."""
+  """Two data folders, each with the dataset prepared from scratch.
+
+  Not conftest's shared `data_dir`: this build may come from the synthetic CSV, which must
+  not stand in for the real corpus in other tests (conftest already points
+  TRAINBIG_DATA_DIR away from the user's folder).
+  """
   dirs = []
   for name in ('tfds_a', 'tfds_b'):
     d = tmp_path_factory.mktemp(name)
     _build(d, corpus_csv)
     dirs.append(str(d))
   return dirs[0], dirs[1]
-
-
-@pytest.fixture(autouse=True)
-def _private_data_dir(tmp_path, monkeypatch):
-  # Nothing a test does may land in the user's real data folder.
-  monkeypatch.setenv('TRAINBIG_DATA_DIR', str(tmp_path / 'default_tfds'))
 
 
 def _read_split(data_dir: str, split: str) -> list[tuple[int, str, int]]:

@@ -48,14 +48,28 @@ def _need(flag, name: str, command: str):
 def _train(command: str) -> None:
   from trainbig_jax.train.pretrain import pretrain
   config = _need(_CONFIG, 'config', command)
-  summary = pretrain(config, _need(_WORKDIR, 'workdir', command))
-  print(json.dumps(summary.__dict__) if _JSON.value else
-        f'{command}: stopped by {summary.stopped_by} at step {summary.step} after '
-        f'{summary.wall_time_s:.1f}s of training; eval_loss {summary.eval_loss:.4f}, '
-        f'eval_accuracy {summary.eval_accuracy:.4f}')
+  _print_summary(command, pretrain(config, _need(_WORKDIR, 'workdir', command)))
 
 
-HANDLERS = {'train': _train}
+def _print_summary(command: str, summary) -> None:
+  if _JSON.value:
+    print(json.dumps(summary.__dict__))
+    return
+  evaluated = ('' if summary.eval_loss is None else
+               f'; eval_loss {summary.eval_loss:.4f}, eval_accuracy {summary.eval_accuracy:.4f}')
+  print(f'{command}: stopped by {summary.stopped_by} at step {summary.step} after '
+        f'{summary.wall_time_s:.1f}s of training{evaluated}')
+
+
+def _finetune(command: str) -> None:
+  from trainbig_jax.train.finetune import finetune
+  summary = finetune(_need(_CONFIG, 'config', command),
+                     _need(_INIT_CHECKPOINT, 'init_checkpoint', command),
+                     _need(_WORKDIR, 'workdir', command))
+  _print_summary(command, summary)
+
+
+HANDLERS = {'train': _train, 'finetune': _finetune}
 
 
 def _dispatch(argv: list[str]) -> None:
@@ -67,8 +81,15 @@ def _dispatch(argv: list[str]) -> None:
   HANDLERS[argv[1]](argv[1])
 
 
+def _quiet_libraries(record) -> bool:
+  # Orbax and grain log every save and read at INFO; keep ours, drop theirs below WARNING.
+  noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'tensorflow_datasets'))
+  return record.levelno >= 30 or not noisy
+
+
 def _main(argv: list[str]) -> None:
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
     _dispatch(argv)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:

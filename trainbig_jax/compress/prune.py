@@ -163,8 +163,31 @@ def _keep_masks(arrays: Sequence[jax.Array], num_pruned: jax.Array) -> list[jax.
   return masks
 
 
-_keep_mask_single = jax.jit(lambda array, num_pruned: _keep_masks([array], num_pruned)[0])
-_keep_masks_joint = jax.jit(_keep_masks)
+def _keep_masks_host(arrays: Sequence[Any], num_pruned: int) -> list[np.ndarray]:
+  """numpy twin of `_keep_masks` (same order, same result) for host-side compression.
+
+  np.partition selects the threshold in linear time and is several times faster
+  than the jitted bisection on CPU for a one-off pass over ~10^8 weights.
+  """
+  magnitudes = []
+  for a in arrays:
+    magnitude = np.abs(np.asarray(a, np.float32)).ravel()
+    magnitudes.append(np.where(np.isnan(magnitude), np.float32(np.inf), magnitude))
+  if num_pruned == 0:
+    return [np.ones(np.shape(a), bool) for a in arrays]
+  joined = magnitudes[0] if len(magnitudes) == 1 else np.concatenate(magnitudes)
+  threshold = np.partition(joined, num_pruned - 1)[num_pruned - 1]
+  del joined
+  ties_to_prune = num_pruned - sum(int(np.count_nonzero(m < threshold)) for m in magnitudes)
+  masks = []
+  for a, magnitude in zip(arrays, magnitudes):
+    pruned = magnitude < threshold
+    tie_positions = np.flatnonzero(magnitude == threshold)
+    take = min(max(ties_to_prune, 0), tie_positions.size)
+    pruned[tie_positions[:take]] = True
+    ties_to_prune -= take
+    masks.append(~pruned.reshape(np.shape(a)))
+  return masks
 
 
 def _masks_for_sparsity(arrays: Sequence[jax.Array], sparsity: jax.Array, scope: str
@@ -193,14 +216,12 @@ def magnitude_masks(params: PyTree, sparsity: float, *, scope: str = 'layer',
   named_leaves, _ = flatten_with_paths(params)
   leaves = dict(named_leaves)
   selected = select_paths(list(leaves), include, exclude)
-  arrays = [jnp.asarray(leaves[p]) for p in selected]
+  arrays = [np.asarray(leaves[p]) for p in selected]
   if scope == 'layer':
-    # One compiled kernel per distinct shape; k is exact (Python float64 rounding).
-    masks = [_keep_mask_single(a, np.int32(round(sparsity * a.size))) for a in arrays]
+    masks = [_keep_masks_host([a], round(sparsity * a.size))[0] for a in arrays]
   else:
-    total = sum(a.size for a in arrays)
-    masks = _keep_masks_joint(arrays, np.int32(round(sparsity * total)))
-  return _masks_tree(params, dict(zip(selected, masks)))
+    masks = _keep_masks_host(arrays, round(sparsity * sum(a.size for a in arrays)))
+  return _masks_tree(params, {p: jnp.asarray(m) for p, m in zip(selected, masks)})
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

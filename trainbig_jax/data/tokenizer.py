@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import shutil
+import string
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +27,9 @@ MASK_PIECE = '<mask>'
 # SentencePiece drops training sentences longer than this (bytes); paragraphs of the embedded
 # corpus reach ~8 k characters, so the default 4192 would silently lose some of them.
 MAX_SENTENCE_BYTES = 1 << 15
+# character_coverage drops the rarest characters (on the embedded corpus that includes capital
+# letters such as 'V' or 'Q'); printable ASCII is always kept so English text never hits <unk>.
+REQUIRED_CHARS = ''.join(c for c in string.printable if not c.isspace())
 
 
 class TokenizerError(ValueError):
@@ -153,7 +157,7 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=all_lines(), model_writer=model, model_type='bpe',
-        vocab_size=vocab_size, character_coverage=0.9995,
+        vocab_size=vocab_size, character_coverage=0.9995, required_chars=REQUIRED_CHARS,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
         user_defined_symbols=[MASK_PIECE],

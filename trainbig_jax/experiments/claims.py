@@ -47,6 +47,11 @@ def _fmt(x: float) -> str:
   return f'{x:.4g}'
 
 
+def percent(fraction: float) -> str:
+  """0.875 -> '87.5%': sparsity grids often go past whole percents (87.5%, 99.5%)."""
+  return f'{100 * fraction:.4g}%'
+
+
 def _mb(nbytes: float) -> str:
   return f'{nbytes / 1e6:.3g} MB'
 
@@ -69,11 +74,11 @@ def cell_label(r: Row) -> str:
   if method == 'dense':
     return 'dense'
   if method == 'prune':
-    return f'prune {r["sparsity"]:.0%}'
+    return f'prune {percent(r["sparsity"])}'
   if method == 'quantize':
     return f'quantize {r["bits"]}-bit'
   if method == 'prune_quantize':
-    return f'prune {r["sparsity"]:.0%} + {r["bits"]}-bit'
+    return f'prune {percent(r["sparsity"])} + {r["bits"]}-bit'
   return f'{method} s={r["sparsity"]:g} b={r["bits"]}'
 
 
@@ -155,6 +160,9 @@ def claim_bigger_lower_loss(results: Sequence[Row], curves: Curves) -> dict[str,
     return _null(key, f'the largest model {largest} has no pretraining eval curve.', evidence)
 
   t_common = min(max(curves[m]['wall_time_s']) for m in models)
+  if t_common <= 0:  # only the step-0 eval of some size exists: nothing was trained yet
+    short = [m for m in models if max(curves[m]['wall_time_s']) <= 0]
+    return _null(key, f'no eval after training started for: {", ".join(short)}.', evidence)
   at = {m: _loss_at(curves[m], t_common) for m in models}
   missing = [m for m in models if at[m] is None]
   budgets = sorted({float(r['pretrain_budget_s']) for r in results if r['model'] in models})
@@ -267,13 +275,13 @@ def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
     if v['held'] is None:
       return f'{what}: not computable ({v["reason"]})'
     drops = ', '.join(f'{m} {v["drop"][m]:+.3f}' for m in v['drop'])
-    return (f'{what} drops {drops} -> ' + ('largest smallest' if v['held'] else
-                                           'largest not smallest'))
+    return (f'{what} the accuracy drops are {drops} ('
+            + ('largest model smallest' if v['held'] else 'largest model not smallest') + ')')
 
-  explanation = (describe(prune, f'at {prune["sparsity"]:.0%} sparsity' if prune['sparsity']
-                          is not None else 'pruning') + '; '
-                 + describe(quant, f'at {quant["bits"]} bits' if quant['bits'] is not None
-                            else 'quantization') + '.')
+  prune_what = ('pruning' if prune['sparsity'] is None
+                else f'at {percent(prune["sparsity"])} sparsity')
+  quant_what = 'quantization' if quant['bits'] is None else f'at {quant["bits"]} bits'
+  explanation = describe(prune, prune_what) + '; ' + describe(quant, quant_what) + '.'
   return _verdict(key, all(subs), evidence, explanation[0].upper() + explanation[1:])
 
 
@@ -322,10 +330,12 @@ def claim_compressed_big_beats_small(results: Sequence[Row]) -> dict[str, Any]:
       rival = best_within(small_rows, budget)  # never None: `light` itself fits
       comparisons.append({
           'budget_mb': budget / 1e6,
-          'small_cell': light['cell'], 'small_model': m, 'small_accuracy': light['accuracy'],
+          'small_cell': light['cell'], 'small_model': m, 'small_label': cell_label(light),
+          'small_accuracy': light['accuracy'],
           'largest_cell': big['cell'], 'largest_label': cell_label(big),
           'largest_accuracy': big['accuracy'], 'largest_mb': big['stored_bytes'] / 1e6,
-          'best_smaller_cell': rival['cell'], 'best_smaller_accuracy': rival['accuracy'],
+          'best_smaller_cell': rival['cell'], 'best_smaller_model': rival['model'],
+          'best_smaller_label': cell_label(rival), 'best_smaller_accuracy': rival['accuracy'],
           'largest_wins': big['accuracy'] > rival['accuracy'],
       })
   evidence: dict[str, Any] = {
@@ -343,13 +353,17 @@ def claim_compressed_big_beats_small(results: Sequence[Row]) -> dict[str, Any]:
   lost = [c for c in comparisons if not c['largest_wins']]
   # Cite a loss when it failed, else the tightest budget it won.
   c = lost[0] if lost else min(comparisons, key=lambda c: c['budget_mb'])
+  rival = ('it' if c['best_smaller_cell'] == c['small_cell'] else
+           f'the best smaller cell, {c["best_smaller_model"]} {c["best_smaller_label"]} at '
+           f'{c["best_smaller_accuracy"]:.3f}')
   explanation = (
       f'{largest} had the best cell within budget at {len(won)}/{len(comparisons)} '
       f'comparable budgets ({min(x["budget_mb"] for x in comparisons):.3g}-'
-      f'{max(x["budget_mb"] for x in comparisons):.3g} MB); at {c["budget_mb"]:.3g} MB '
-      f'({c["small_model"]} {c["small_cell"]} scores {c["small_accuracy"]:.3f}) {largest} '
-      f'{c["largest_label"]} ({c["largest_mb"]:.3g} MB) scores {c["largest_accuracy"]:.3f} vs '
-      f'the best smaller cell {c["best_smaller_cell"]} at {c["best_smaller_accuracy"]:.3f}.')
+      f'{max(x["budget_mb"] for x in comparisons):.3g} MB); e.g. at {c["budget_mb"]:.3g} MB, '
+      f'{c["small_model"]} {c["small_label"]} scores {c["small_accuracy"]:.3f} while '
+      f'{largest} {c["largest_label"]} ({c["largest_mb"]:.3g} MB) scores '
+      f'{c["largest_accuracy"]:.3f}, ' + ('beating ' if c['largest_wins'] else 'not beating ')
+      + f'{rival}.')
   return _verdict(key, held, evidence, explanation)
 
 

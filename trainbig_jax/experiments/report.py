@@ -117,7 +117,7 @@ def plot_prune_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
   return _accuracy_plot(
       results, order, path, keep=lambda r: r['method'] in ('dense', 'prune'),
       x=lambda r: r['nonzero_params'], xlabel='nonzero parameters (log)',
-      title='magnitude pruning', annotate=lambda r: f'{r["sparsity"]:.0%}')
+      title='magnitude pruning', annotate=lambda r: claims_lib.percent(r['sparsity']))
 
 
 def plot_quant_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
@@ -193,9 +193,11 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
   out = ['| model | params | steps | pretrain loss | method | sparsity | bits | MB | accuracy |',
          '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |']
   for r in rows:
+    loss = r['pretrain_eval_loss']  # null when a run never reached an eval
     out.append(f'| {_md(r["model"])} | {r["total_params"]:,} | {r["pretrain_steps"]} | '
-               f'{r["pretrain_eval_loss"]:.4f} | {r["method"]} | {r["sparsity"]:.0%} | '
-               f'{r["bits"]} | {r["stored_bytes"] / 1e6:.3f} | {r["accuracy"]:.4f} |')
+               f'{"-" if loss is None else format(loss, ".4f")} | {_md(r["method"])} | '
+               f'{claims_lib.percent(r["sparsity"])} | {r["bits"]} | '
+               f'{r["stored_bytes"] / 1e6:.3f} | {r["accuracy"]:.4f} |')
   return out
 
 

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CHECKPOINT_DIR = 'checkpoints'
+BEST_DIR = 'best'  # fine-tuning keeps its most accurate evaluation here
 
 
 class CheckpointError(ValueError):
@@ -85,28 +86,32 @@ def read_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def latest_step_dir(run_dir: str | os.PathLike) -> Path:
-  """The newest complete checkpoint step folder of a run."""
-  ckpt_root = Path(run_dir) / CHECKPOINT_DIR
-  steps = ocp.utils.checkpoint_steps(ckpt_root) if ckpt_root.exists() else []
-  if not steps:
-    raise CheckpointError(f'{run_dir} has no complete checkpoint under {ckpt_root}.')
-  return ckpt_root / str(max(steps))
+def params_step_dir(run_dir: str | os.PathLike) -> Path:
+  """The checkpoint step folder whose parameters stand for a run.
+
+  A fine-tuning run's best evaluation (best/N) when it has one, else the newest complete
+  step under checkpoints/.
+  """
+  for sub in (BEST_DIR, CHECKPOINT_DIR):
+    root = Path(run_dir) / sub
+    steps = ocp.utils.checkpoint_steps(root) if root.exists() else []
+    if steps:
+      return root / str(max(steps))
+  raise CheckpointError(f'{run_dir} has no complete checkpoint under '
+                        f'{Path(run_dir) / CHECKPOINT_DIR}.')
 
 
-def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-  """The parameter tree (host numpy arrays) of a run's latest (or given) checkpoint.
+def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
+  """The parameter tree (host numpy arrays) that stands for a run (see params_step_dir).
 
   Reads only what is stored, without needing the optimizer that wrote it, so any Orbax user
   can do the same.
   """
-  step_dir = latest_step_dir(run_dir) if step is None else Path(run_dir) / CHECKPOINT_DIR / str(step)
-  state_dir = step_dir / 'state'
+  state_dir = params_step_dir(run_dir) / 'state'
   if not state_dir.exists():
-    raise CheckpointError(f'{step_dir} is not a complete checkpoint: no state item.')
+    raise CheckpointError(f'{state_dir.parent} is not a complete checkpoint: no state item.')
   with ocp.PyTreeCheckpointer() as ckptr:
-    meta = ckptr.metadata(state_dir)
-    tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
+    tree = ckptr.metadata(state_dir).item_metadata.tree
     restore_args = _numpy_restore_args(tree)
     state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return state['params']
