@@ -208,8 +208,9 @@ def magnitude_masks(params: PyTree, sparsity: float, *, scope: str = 'layer',
   scope='layer': every selected matrix loses exactly round(sparsity * size) entries.
   scope='global': exactly round(sparsity * total_selected) entries are pruned with one
   magnitude threshold shared by all selected matrices (so layers with small weights
-  lose more). Ties: smaller (tree position, flat index) is pruned first.
-  Returns a mask tree (see module docstring).
+  lose more). Ties: smaller (tree position, flat index) is pruned first. Runs on the
+  host with numpy (np.partition, linear time); the gradual pruner uses an equivalent
+  jit-able selection. Returns a mask tree (see module docstring).
   """
   sparsity = _check_fraction(sparsity, 'sparsity')
   _check_scope(scope)

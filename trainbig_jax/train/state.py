@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from trainbig_jax.train import partitioning
 
@@ -69,19 +69,40 @@ def create_sharded_state(
   """Initialises the train state sharded over `mesh`; returns it and its shardings.
 
   `init_params(rng)` returns a parameter tree boxed with logical axis names (what
-  `model.init(...)['params']` gives). The optimizer state is derived from the boxed tree so it
-  inherits the same names.
+  `model.init(...)['params']` gives). The optimizer sees plain arrays; each optimizer-state
+  leaf whose path ends with a parameter's path and has its shape (Adam moments, pruning
+  masks, ...) is sharded like that parameter, anything else (counters) is replicated.
   """
-  def boxed_state(rng):
-    params = init_params(rng)
+  param_shardings = partitioning.logical_shardings(
+      nn.get_partition_spec(jax.eval_shape(init_params, rng)), mesh)
+
+  def fresh_state(rng):
+    params = nn.meta.unbox(init_params(rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  abstract = jax.eval_shape(boxed_state, rng)
-  shardings = partitioning.logical_shardings(nn.get_partition_spec(abstract), mesh)
-  init = jax.jit(lambda r: nn.meta.unbox(boxed_state(r)), out_shardings=shardings)
+  abstract = jax.eval_shape(fresh_state, rng)
+  shardings = TrainState(
+      step=NamedSharding(mesh, P()), params=param_shardings,
+      opt_state=_follow_param_shardings(abstract.opt_state, abstract.params, param_shardings,
+                                        NamedSharding(mesh, P())))
+  init = jax.jit(fresh_state, out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
     state = init(rng)
   return state, shardings
+
+
+def _follow_param_shardings(opt_state, params, param_shardings, replicated):
+  by_path = {path_str(k): (v.shape, s) for (k, v), s in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+
+  def sharding_of(key_path, leaf):
+    parts = path_str(key_path).split('/')
+    for i in range(len(parts)):
+      match = by_path.get('/'.join(parts[i:]))
+      if match is not None and match[0] == leaf.shape:
+        return match[1]
+    return replicated
+  return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
 
 
 def abstract_state(state_shardings: PyTree, state_shapes: PyTree) -> PyTree:
