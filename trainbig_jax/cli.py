@@ -103,11 +103,26 @@ def _main(argv: list[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a bad --config (path, preset, override) as one error line."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    cause = e.__cause__ or e.__context__
-    print(f'trainbig: error: {cause or e}'.splitlines()[0], file=sys.stderr)
+    remaining = flags.FLAGS(argv)
+    if _CONFIG.present:
+      _CONFIG.value.keys()  # config_flags defers a load failure until first use
+    return remaining
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
+    print(f'trainbig: error: --config: {_config_error_message(e)}', file=sys.stderr)
     sys.exit(2)
+
+
+def _config_error_message(e: BaseException) -> str:
+  chain = [e]
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  if isinstance(chain[0], (AttributeError, KeyError)):  # an override naming no field
+    text = str(chain[0]).encode().decode('unicode_escape').replace("'", '')
+    return 'no such field: ' + ' '.join(l.strip() for l in text.splitlines() if l.strip())
+  lines = [l.strip() for l in str(chain[-1]).splitlines() if l.strip()]
+  if isinstance(chain[-1], OSError):  # a file that failed to load: its last line says why
+    lines = lines[-1:]
+  return ' '.join(lines) or type(chain[-1]).__name__
 
 
 def main() -> None:

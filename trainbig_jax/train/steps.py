@@ -80,7 +80,7 @@ def make_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_ste
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'train_loss': sums['loss'] / denom, 'train_accuracy': sums['correct'] / denom,
-               'tokens': sums['tokens'], 'grad_norm': optax.global_norm(grads)}
+               'tokens': sums['tokens'], 'grad_norm': optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
