@@ -31,6 +31,9 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
+    'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
 
 COMMANDS = ('train', 'finetune', 'compress', 'eval', 'sweep', 'report', 'plan', 'demo')
 
@@ -69,7 +72,30 @@ def _finetune(command: str) -> None:
   _print_summary(command, summary)
 
 
-HANDLERS = {'train': _train, 'finetune': _finetune}
+def _compress(command: str) -> None:
+  from trainbig_jax.compress.checkpoints import compress_checkpoint
+  summary = compress_checkpoint(_need(_CHECKPOINT, 'checkpoint', command),
+                                _need(_CONFIG, 'config', command), _need(_OUT, 'out', command))
+  if _JSON.value:
+    print(json.dumps(summary))
+    return
+  print(f"compress: wrote {summary['out']}: {summary['compressed_bytes']:,} bytes stored vs "
+        f"{summary['dense_fp32_bytes']:,} dense fp32 ({summary['compression_ratio']:.2f}x); "
+        f"{summary['nonzero_params']:,} of {summary['total_params']:,} weights nonzero")
+
+
+def _eval(command: str) -> None:
+  from trainbig_jax.evaluate import evaluate_checkpoint
+  result = evaluate_checkpoint(_need(_CHECKPOINT, 'checkpoint', command))
+  if _JSON.value:
+    print(json.dumps(result))
+    return
+  for key, value in result.items():
+    print(f'{key:>18}: {value:,.4f}' if isinstance(value, float) else
+          f'{key:>18}: {value:,}' if isinstance(value, int) else f'{key:>18}: {value}')
+
+
+HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval}
 
 
 def _dispatch(argv: list[str]) -> None:
@@ -91,6 +117,9 @@ def _main(argv: list[str]) -> None:
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
+    # Before any other JAX call: the runtime's device list is fixed by the first one.
+    from trainbig_jax.train import distributed
+    distributed.initialize(auto_detect=_DISTRIBUTED.value)
     _dispatch(argv)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     if os.environ.get('TRAINBIG_DEBUG'):

@@ -80,6 +80,19 @@ def _channel_axis(ndim: int, per_channel: bool, channel_axis: int) -> int | None
   return channel_axis % ndim
 
 
+def _round_up_to_float16(scale: jax.Array) -> jax.Array:
+  """The smallest float16-representable value >= scale, as float32.
+
+  Scales are stored in 2 bytes (as GPTQ/AWQ checkpoints do); rounding *up* keeps every code
+  within range, so the half-step error bound holds for the stored scale exactly. Scales
+  beyond float16's range stay float32 (storage then keeps 4 bytes for them).
+  """
+  half = scale.astype(jnp.float16)
+  half = jnp.where(half.astype(jnp.float32) < scale, jnp.nextafter(half, jnp.float16(jnp.inf)),
+                   half).astype(jnp.float32)
+  return jnp.where(jnp.isfinite(half), half, scale).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=('bits', 'symmetric', 'axis'))
 def _quantize_arrays(x, bits, symmetric, axis):
   x = x.astype(jnp.float32)
@@ -93,7 +106,7 @@ def _quantize_arrays(x, bits, symmetric, axis):
     high = jnp.maximum(jnp.max(x, axis=reduce_axes, keepdims=True), 0.0)
     scale = (high - low) / q_max
   # An all-zero channel would divide by zero; any scale represents it exactly.
-  scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
+  scale = _round_up_to_float16(jnp.where(scale > 0, scale, 1.0))
   if not symmetric:
     zero_point = jnp.clip(jnp.round(-low / scale), q_min, q_max).astype(jnp.int32)
   codes = jnp.clip(jnp.round(x / scale) + zero_point, q_min, q_max)
@@ -157,7 +170,9 @@ def fake_quant(x: jax.Array, bits: int, *, symmetric: bool = True, per_channel: 
   bits = check_bits(bits)
   x = jnp.asarray(x)
   axis = _channel_axis(x.ndim, per_channel, channel_axis)
-  values, scale, zero_point = _quantize_arrays(x, bits=bits, symmetric=bool(symmetric), axis=axis)
+  # Codes and scales carry no gradient (straight-through), so trace them on a constant.
+  values, scale, zero_point = _quantize_arrays(jax.lax.stop_gradient(x), bits=bits,
+                                               symmetric=bool(symmetric), axis=axis)
   rounded = ((values.astype(jnp.float32) - zero_point.astype(jnp.float32)) * scale).astype(x.dtype)
   return x - jax.lax.stop_gradient(x) + jax.lax.stop_gradient(rounded)
 

@@ -181,13 +181,20 @@ def _named_leaves(params: PyTree) -> dict[str, Any]:
   return named
 
 
+def _compact_scale(scale: Any) -> np.ndarray:
+  """Scales in float16 when that is lossless (quantize rounds them so), else float32."""
+  scale = np.asarray(scale, np.float32)
+  half = scale.astype(np.float16)
+  return half if np.array_equal(half.astype(np.float32), scale) else scale
+
+
 def _encode_codes(q: QuantizedTensor, mask: np.ndarray | None) -> dict[str, np.ndarray]:
   codes = np.asarray(q.values)
   if q.symmetric:
     # [-(2^(b-1)-1), 2^(b-1)-1] -> [1, 2^b - 1]: unsigned, fits b bits.
     codes = (codes.astype(np.int16) + 2 ** (q.bits - 1)).astype(np.uint8)
   kept = codes[mask] if mask is not None else codes.ravel()
-  arrays = dict(values=pack_bits(kept, q.bits), scale=np.asarray(q.scale, np.float32))
+  arrays = dict(values=pack_bits(kept, q.bits), scale=_compact_scale(q.scale))
   if not q.symmetric:
     arrays['zero_point'] = np.asarray(q.zero_point).astype(np.uint8)  # in [0, 2^b - 1]
   return arrays

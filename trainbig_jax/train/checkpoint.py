@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -31,13 +32,31 @@ class CheckpointError(ValueError):
   """A checkpoint named by the user is missing, incomplete or incompatible."""
 
 
+def data_state_filename() -> str:
+  """The file of this process's data-iterator state inside a step's 'data' item.
+
+  Each process reads its own documents, so each has its own iterator state. Orbax's JSON
+  handler writes from the primary process only; with several processes every one writes its
+  own file instead. A single process keeps Orbax's default name.
+  """
+  count = jax.process_count()
+  return 'metadata' if count == 1 else f'process_{jax.process_index()}-of-{count}.json'
+
+
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
   # Synchronous saves: the time they take is excluded from the training clock, which an
   # overlapping async save would blur.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=False)
+  every_process = ocp.options.MultiprocessingOptions(primary_host=None)
+  handlers = {
+      'state': ocp.StandardCheckpointHandler(),
+      'data': ocp.JsonCheckpointHandler(filename=data_state_filename(),
+                                        multiprocessing_options=every_process),
+      'progress': ocp.JsonCheckpointHandler(),  # the same on every process: primary writes
+  }
   return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
-                               item_names=('state', 'data', 'progress'))
+                               item_names=tuple(handlers), item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
@@ -54,6 +73,13 @@ def restore(mngr: ocp.CheckpointManager, target_state: Any, step: int | None = N
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
+  data_dir = Path(mngr.directory) / str(step) / 'data'
+  if data_dir.is_dir() and not (data_dir / data_state_filename()).exists():
+    written = sorted(p.name for p in data_dir.iterdir() if p.name != 'commit_success.txt')
+    raise CheckpointError(
+        f'{data_dir.parent} holds the data position of another number of processes '
+        f'({", ".join(written) or "none"}); resume it with as many processes as wrote it, '
+        'or use a new --workdir.')
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target_state),
       data=ocp.args.JsonRestore(),
@@ -118,7 +144,6 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _numpy_restore_args(tree):
-  import jax
   import numpy as np
   return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
                       is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))

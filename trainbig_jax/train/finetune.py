@@ -152,8 +152,7 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
       repeat=True, **common)
 
   def eval_batches():
-    return classification.classification_iterator(
-        config.task, task.eval_splits[0], batch_size=per_process, **common)
+    return classification_eval_batches(config, tokenizer)
 
   best = BestCheckpoint(workdir, min_step=pruning_steps(config)[1] if p.final_sparsity else 0)
   job = loop.Job(config=config, workdir=workdir, sums_fn=sums_fn, init_params=init_params,
@@ -162,6 +161,16 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
   summary = loop.run(job)
   best.close()
   return summary
+
+
+def classification_eval_batches(config: ml_collections.ConfigDict, tokenizer,
+                                split: str | None = None):
+  """One pass over the task's (first) validation split, this process's share."""
+  task = classification.get_task(config.task)
+  return classification.classification_iterator(
+      config.task, split or task.eval_splits[0], tokenizer=tokenizer, max_len=config.max_len,
+      batch_size=config.train.batch_size // jax.process_count(), data_dir=config.data_dir,
+      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def qat_sums(sums_fn, config: ml_collections.ConfigDict):

@@ -87,6 +87,21 @@ def _progress_bar(total: int, initial: int):
               disable=not sys.stderr.isatty(), leave=False)
 
 
+def _agree_to_stop(over_budget: bool, signalled: bool) -> tuple[bool, bool]:
+  """Each process's reasons to stop, OR-ed over all processes.
+
+  Every process times its own steps and gets its own signals; if one left the loop while
+  another ran one more step, both would wait forever in mismatched collectives. One tiny
+  all-gather a step makes them stop together; a single process skips it.
+  """
+  if jax.process_count() == 1:
+    return over_budget, signalled
+  from jax.experimental import multihost_utils
+  votes = multihost_utils.process_allgather(np.array([over_budget, signalled], np.int32))
+  over_budget, signalled = np.asarray(votes).reshape(-1, 2).any(axis=0)
+  return bool(over_budget), bool(signalled)
+
+
 def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, float]:
   totals = None
   for batch in batches:
@@ -152,10 +167,13 @@ def run(job: Job) -> Summary:
     compiled = None
     bar = _progress_bar(tc.total_steps, step)
     while step < tc.total_steps:
-      if tc.budget_s and progress['wall_time_s'] >= tc.budget_s:
+      over_budget, signalled = _agree_to_stop(
+          bool(tc.budget_s) and progress['wall_time_s'] >= tc.budget_s,
+          stop.signal_name is not None)
+      if over_budget:
         stopped_by = 'budget'
         break
-      if stop.signal_name:
+      if signalled:
         stopped_by = 'signal'
         break
       t0 = time.perf_counter()
@@ -192,7 +210,7 @@ def run(job: Job) -> Summary:
   writer.close()
   if stopped_by == 'signal':
     logging.warning('Stopped by %s at step %d; checkpoint saved, rerun to resume.',
-                    stop.signal_name, step)
+                    stop.signal_name or 'a signal to another process', step)
   return Summary(step=step, wall_time_s=progress['wall_time_s'], tokens=progress['tokens'],
                  eval_loss=last_eval and last_eval['eval_loss'],
                  eval_accuracy=last_eval and last_eval['eval_accuracy'], stopped_by=stopped_by)

@@ -73,8 +73,7 @@ def create_sharded_state(
   leaf whose path ends with a parameter's path and has its shape (Adam moments, pruning
   masks, ...) is sharded like that parameter, anything else (counters) is replicated.
   """
-  param_shardings = partitioning.logical_shardings(
-      nn.get_partition_spec(jax.eval_shape(init_params, rng)), mesh)
+  param_shardings = params_shardings(init_params, mesh)
 
   def fresh_state(rng):
     params = nn.meta.unbox(init_params(rng))
@@ -89,6 +88,12 @@ def create_sharded_state(
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
     state = init(rng)
   return state, shardings
+
+
+def params_shardings(init_params: Callable[[jax.Array], PyTree], mesh: Mesh) -> PyTree:
+  """NamedShardings of the parameter tree, from its logical axis names (no allocation)."""
+  abstract = jax.eval_shape(init_params, jax.random.key(0))
+  return partitioning.logical_shardings(nn.get_partition_spec(abstract), mesh)
 
 
 def _follow_param_shardings(opt_state, params, param_shardings, replicated):
