@@ -50,7 +50,8 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     task, seq_len, sums_fn = config.task, config.max_len, classification_sums(model)
     batches = lambda: classification_eval_batches(config, tokenizer)
   else:
-    task, seq_len, sums_fn = 'mlm', config.data.seq_len, mlm_sums(model)
+    task, seq_len = 'mlm', config.data.seq_len
+    sums_fn = mlm_sums(model, mlm.max_predictions(seq_len, config.data.mask_rate))
     eval_batches = mlm.pretrain_eval_batches(config, tokenizer,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count())

@@ -46,8 +46,10 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int
                 random_token_prob: float = 0.1) -> dict[str, np.ndarray]:
   """RoBERTa masking of an int array of any shape.
 
-  Each position whose token is not in `special_ids` (which should include pad) is chosen
-  independently with probability `mask_rate`. A chosen position becomes `mask_id` with
+  Each row (last axis) masks exactly int(mask_rate * n + u), u ~ U[0, 1), of its n tokens
+  not in `special_ids` (which should include pad), chosen uniformly (as fairseq's RoBERTa
+  does): the expected rate is exactly `mask_rate`, and a row never has more than
+  floor(mask_rate * length) + 1 targets, which lets the model compute logits only there. A chosen position becomes `mask_id` with
   probability `mask_token_prob`, a uniformly random non-special token with probability
   `random_token_prob`, and stays unchanged otherwise. Returns 'inputs' (int32), 'targets'
   (the original tokens, int32) and 'weights' (float32, 1.0 at chosen positions).
@@ -66,7 +68,7 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int
     raise DataPipelineError(f'vocab_size={vocab_size} leaves no non-special tokens.')
 
   tokens = np.asarray(tokens, dtype=np.int32)
-  chosen = ~np.isin(tokens, specials) & (rng.random(tokens.shape) < mask_rate)
+  chosen = _choose_exact_count(~np.isin(tokens, specials), mask_rate, rng)
   action = rng.random(tokens.shape)
   to_mask = chosen & (action < mask_token_prob)
   to_random = chosen & (action >= mask_token_prob) & (action < mask_token_prob
@@ -84,6 +86,21 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int
       'targets': tokens,
       'weights': chosen.astype(np.float32),
   }
+
+
+def max_predictions(seq_len: int, mask_rate: float) -> int:
+  """The most masked positions `mask_tokens` can choose in a row of seq_len tokens."""
+  return min(seq_len, int(np.floor(mask_rate * seq_len)) + 1)
+
+
+def _choose_exact_count(eligible: np.ndarray, rate: float, rng: np.random.Generator
+                        ) -> np.ndarray:
+  """Per row, a uniformly random subset of the eligible positions of randomly rounded size."""
+  eligible = np.atleast_1d(eligible)
+  count = np.floor(rate * eligible.sum(-1) + rng.random(eligible.shape[:-1])).astype(np.int64)
+  scores = np.where(eligible, rng.random(eligible.shape), np.inf)
+  rank = np.argsort(np.argsort(scores, axis=-1), axis=-1)
+  return eligible & (rank < count[..., None])
 
 
 class _PackedWindowsIterator(grain.DatasetIterator):

@@ -206,9 +206,15 @@ class Encoder(nn.Module):
       x = self.final_norm(x).astype(DTYPES[cfg.dtype])
     return x
 
-  def __call__(self, tokens: jax.Array, train: bool = False, task: str = 'mlm') -> jax.Array:
+  def __call__(self, tokens: jax.Array, train: bool = False, task: str = 'mlm',
+               positions: jax.Array | None = None) -> jax.Array:
+    """MLM logits [batch, length, vocab], or only at `positions` [batch, P] -> [batch, P,
+    vocab] (the masked ones: the vocabulary projection is the costliest matmul of a small
+    model, and BERT/RoBERTa training only needs it where a token is predicted)."""
     x = self.encode(tokens, train)
     if task == 'mlm':
+      if positions is not None:
+        x = jnp.take_along_axis(x, positions[..., None], axis=1)
       return self.mlm_head(x, self.embed)
     if task == 'classify':
       if self.cfg.num_classes <= 0:

@@ -100,7 +100,8 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
         raise CheckpointError(
             f'{workdir} holds a run with other {section} settings ({", ".join(diffs)}); '
             f'use a new --workdir or the same config.')
-  tmp = path.with_suffix('.json.tmp')
+  # Every process writes the same file: a temporary name of its own keeps the renames atomic.
+  tmp = path.with_suffix(f'.json.tmp{jax.process_index()}')
   tmp.write_text(config.to_json(indent=2))
   os.replace(tmp, path)
 

@@ -14,8 +14,9 @@ With neither, nothing happens and the run is single-process, as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 ENV_COORDINATOR = 'TRAINBIG_COORDINATOR'
 ENV_NUM_PROCESSES = 'TRAINBIG_NUM_PROCESSES'
@@ -70,3 +71,40 @@ def initialize(auto_detect: bool = False, environ: Mapping[str, str] = os.enviro
   else:  # Cloud TPU, SLURM, Open MPI, ...: JAX reads the cluster's own environment
     jax.distributed.initialize()
   return True
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process has reached `name`; returns at once in a single process.
+
+  Goes through the coordination service, not a device collective: on CPU the first
+  collective between processes gives up after 30 s, so processes that reach it far apart
+  (one still preparing data or a tokenizer) must meet here first.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return
+  # The service accepts each barrier id once; every process calls the same barriers in the
+  # same order, so numbering the uses of a name keeps ids unique and equal across processes.
+  uses = _barrier_uses[name] = _barrier_uses.get(name, 0) + 1
+  # The distributed runtime's client; Orbax's own process barriers use it the same way.
+  from jax._src import distributed as jax_distributed
+  jax_distributed.global_state.client.wait_at_barrier(f'{name}#{uses}', int(timeout_s * 1000))
+
+
+_barrier_uses: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def primary_first(name: str, timeout_s: float = 3600.0) -> Iterator[None]:
+  """Runs the block on process 0, then on all others (which then find its results).
+
+  For work that writes shared files once (preparing a dataset, training the tokenizer):
+  the other processes wait instead of racing process 0 for the same paths, then do the
+  cheap part (opening what it wrote).
+  """
+  import jax
+  if jax.process_index() != 0:
+    barrier(f'{name}:primary_done', timeout_s)
+  yield
+  if jax.process_index() == 0:
+    barrier(f'{name}:primary_done', timeout_s)

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainbig_jax.train import checkpoint, partitioning
+from trainbig_jax.train import checkpoint, distributed, partitioning
 from trainbig_jax.train.metrics import MetricWriter
 from trainbig_jax.train.state import (TrainState, abstract_state, create_sharded_state,
                                       learning_rate_schedule)
@@ -118,6 +118,8 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, flo
 def run(job: Job) -> Summary:
   config, tc = job.config, job.config.train
   workdir = Path(job.workdir)
+  # Processes meet before their first collective, which on CPU gives up after 30 s.
+  distributed.barrier(f'trainbig:run:{workdir.absolute()}')
   mesh = partitioning.make_mesh(config.mesh.shape)
   rules = partitioning.LOGICAL_AXIS_RULES
   state, state_shardings = create_sharded_state(

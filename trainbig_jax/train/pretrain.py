@@ -99,12 +99,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoint.write_config(workdir, config)
   tokenizer = train_or_load_tokenizer(config.data, str(workdir))
+  tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
   model = build_model(config, tokenizer)
   index, count = jax.process_index(), jax.process_count()
   eval_batches = mlm.pretrain_eval_batches(config, tokenizer, process_index=index,
                                            process_count=count)
   job = loop.Job(
-      config=config, workdir=workdir, sums_fn=mlm_sums(model),
+      config=config, workdir=workdir,
+      sums_fn=mlm_sums(model, mlm.max_predictions(config.data.seq_len, config.data.mask_rate)),
       init_params=init_params_fn(model, config.data.seq_len),
       train_iterator=mlm.pretrain_train_iterator(config, tokenizer, process_index=index,
                                                  process_count=count),
