@@ -96,4 +96,4 @@ def train(workdir: str | Path, total_steps: int, checkpoint_every: int) -> loop.
 if __name__ == '__main__':
   workdir, total_steps, checkpoint_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
   summary = train(workdir, total_steps, checkpoint_every)
-  print(json.dumps({'process_index': jax.process_index(), **summary.__dict__}))
+  print(json.dumps(summary.__dict__))

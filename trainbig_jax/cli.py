@@ -95,7 +95,53 @@ def _eval(command: str) -> None:
           f'{key:>18}: {value:,}' if isinstance(value, int) else f'{key:>18}: {value}')
 
 
-HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval}
+def _sweep(command: str) -> None:
+  from trainbig_jax.experiments.sweep import run_sweep
+  results = run_sweep(_need(_CONFIG, 'config', command), _need(_WORKDIR, 'workdir', command),
+                      progress=_progress_line)
+  print(f'sweep: results in {results}')
+
+
+def _report(command: str) -> None:
+  from trainbig_jax.experiments.report import claims_table, write_report
+  report = write_report(_need(_SWEEP, 'sweep', command))
+  claims = json.loads((report.parent / 'claims.json').read_text())
+  print(claims_table(claims))
+  print(f'report: {report}')
+
+
+def _plan(command: str) -> None:
+  from trainbig_jax.experiments.plan import format_recommendation, recommend
+  from trainbig_jax.experiments.results import load_curves, load_results
+  sweep = _need(_SWEEP, 'sweep', command)
+  advice = recommend(load_results(sweep), load_curves(sweep),
+                     _need(_TRAIN_BUDGET, 'train_budget_s', command),
+                     _need(_SERVE_BUDGET, 'serve_budget_mb', command))
+  print(json.dumps(advice, default=str) if _JSON.value else format_recommendation(advice))
+
+
+def _demo(command: str) -> None:
+  from trainbig_jax.configs import sweep as sweep_configs
+  from trainbig_jax.experiments.report import claims_table, write_report
+  from trainbig_jax.experiments.sweep import run_sweep
+  workdir = _WORKDIR.value or os.path.join('runs', 'demo')
+  config = _CONFIG.value if _CONFIG.present else sweep_configs.get_config('demo')
+  _progress_line(f'demo: the whole pipeline on the embedded corpora into {workdir} '
+                 f'({len(config.sizes)} sizes x {config.pretrain_budget_s:.0f} s pretraining; '
+                 f'rerun the same command to resume)')
+  run_sweep(config, workdir, progress=_progress_line)
+  report = write_report(workdir)
+  claims = json.loads((report.parent / 'claims.json').read_text())
+  print(claims_table(claims))
+  print(f'demo: report in {report}')
+
+
+def _progress_line(message: str) -> None:
+  print(message, flush=True)
+
+
+HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval,
+            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo}
 
 
 def _dispatch(argv: list[str]) -> None:

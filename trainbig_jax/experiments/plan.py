@@ -205,3 +205,23 @@ def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
       'extrapolation': extrapolation,
       'warnings': warn,
   }
+
+
+def format_recommendation(advice: dict[str, Any]) -> str:
+  """The recommendation as a few lines for the terminal."""
+  lines = [f'Training budget {advice["train_budget_s"]:g} s, serving budget '
+           f'{advice["serve_budget_mb"]:g} MB.', 'Predicted validation MLM loss at that budget:']
+  for model, loss in sorted(advice['predicted_loss'].items(), key=lambda kv: kv[1]):
+    mark = '  <- train this' if model == advice['size'] else ''
+    lines.append(f'  {model:>12}: {loss:.4f}{mark}')
+  lines.append(f'Extrapolation: {advice["extrapolation"]:.2f}x the longest time observed for '
+               f'{advice["size"]}.')
+  chosen = advice['compression']
+  if chosen is not None:
+    lines.append(f'Compress it as {chosen["label"]}: {chosen["stored_mb"]:.4g} MB, measured '
+                 f'accuracy {chosen["accuracy"]:.4f}.')
+  best = advice['best_within_budget']
+  lines.append(f'Best measured cell of any size within the serving budget: {best["model"]} '
+               f'{best["label"]} ({best["stored_mb"]:.4g} MB, accuracy {best["accuracy"]:.4f}).')
+  lines += [f'warning: {w}' for w in advice['warnings']]
+  return '\n'.join(lines)

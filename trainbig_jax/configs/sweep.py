@@ -1,0 +1,68 @@
+"""Sweep presets: model sizes under one wall-clock budget, then fine-tuning and compression.
+
+Usage: trainbig sweep --config=configs/sweep.py:PRESET --workdir=DIR
+       [--config.pretrain_budget_s=600 --config.sizes='((3, 768), (6, 768))' ...]
+
+Each size is (layers, hidden); heads = max(1, hidden // 64) unless `heads` is given, and the
+MLP is 4 x hidden wide. Every size is pretrained for the same `pretrain_budget_s` seconds of
+training time (measured by the trainer, evaluation excluded), fine-tuned on `finetune_preset`,
+then compressed at every sparsity and bit width of the grids and evaluated.
+
+Presets:
+  demo    3 sizes on the embedded corpora; about 12 minutes on 2 CPU cores.
+  tiny    2 sizes, seconds each; for tests.
+  depth   the paper's depth grid (3..24 layers at hidden 768), RoBERTa settings, MNLI.
+  width   the paper's width grid (hidden 256..1536 at 6 layers), RoBERTa settings, MNLI.
+"""
+
+import ml_collections
+
+from trainbig_jax.configs import compress, pretrain
+
+
+def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.sizes = ((2, 64), (4, 128))
+  c.heads = 0  # 0: hidden // 64 (at least 1)
+  c.pretrain_preset = 'demo'
+  c.pretrain_budget_s = 60.0
+  # Common schedule horizon: with a wall-clock budget far below it, every size trains at the
+  # same (warmed-up, slowly decaying) learning rate, so sizes differ only in speed and capacity.
+  c.pretrain_total_steps = 100_000
+  c.pretrain_overrides = ml_collections.ConfigDict()  # e.g. {'train': {'batch_size': 64}}
+  c.finetune_preset = 'demo'
+  c.finetune_overrides = ml_collections.ConfigDict()
+  c.sparsities = (0.3, 0.5, 0.7, 0.9)
+  c.bits = (8, 6, 4, 3, 2)
+  c.prune_quantize = ((0.5, 4),)  # (sparsity, bits) pairs compressed both ways
+  c.compress_preset = 'dense'  # base compression settings (scope, granularity, patterns)
+
+  if preset == 'demo':
+    c.sizes = ((1, 32), (2, 64), (4, 128))
+    c.heads = 0
+    c.pretrain_budget_s = 100.0
+    c.finetune_overrides = ml_collections.ConfigDict({'train': {'budget_s': 45.0}})
+  elif preset == 'tiny':
+    c.sizes = ((1, 32), (2, 64))
+    c.pretrain_preset = 'tiny'
+    c.pretrain_budget_s = 3.0
+    c.pretrain_total_steps = 30
+    c.finetune_overrides = ml_collections.ConfigDict(
+        {'train': {'total_steps': 20, 'budget_s': 3.0, 'eval_every': 10, 'warmup_steps': 2},
+         'max_len': 32})
+    c.sparsities = (0.5, 0.9)
+    c.bits = (8, 4)
+  elif preset in ('depth', 'width'):
+    grid = pretrain.DEPTH_GRID if preset == 'depth' else pretrain.WIDTH_GRID
+    c.sizes = (tuple((d, 768) for d in grid) if preset == 'depth' else
+               tuple((pretrain.WIDTH_GRID_LAYERS, w) for w in grid))
+    c.pretrain_preset = 'roberta_base'
+    c.pretrain_budget_s = 24 * 3600.0
+    c.finetune_preset = 'mnli'
+    c.sparsities = tuple(s / 100 for s in compress.SPARSITY_GRID if s)
+    c.bits = compress.BITS_GRID
+    c.prune_quantize = ((0.5, 8), (0.5, 4), (0.7, 4))
+  else:
+    raise ValueError(f'Unknown sweep preset {preset!r}; allowed: demo, tiny, depth, width.')
+  return c
