@@ -25,8 +25,10 @@ import threading
 import time
 from typing import IO
 
-# After a failure or a forwarded signal, processes get this long to exit before SIGKILL.
-GRACE_S = 20.0
+# After a forwarded Ctrl-C / SIGTERM, processes get this long to checkpoint and exit before
+# SIGKILL. (After a failure there is no grace: the others wait on the dead one in collectives,
+# and JAX's preemption notifier swallows SIGTERM outside the train loop anyway.)
+GRACE_S = 60.0
 
 
 def free_port() -> int:
@@ -72,10 +74,10 @@ def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
         pass
 
 
-def _stop_all(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
-  """Signals every live process, then SIGKILLs whatever is left after GRACE_S."""
-  _signal_all(procs, sig)
-  deadline = time.monotonic() + GRACE_S
+def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
+  """SIGTERMs every live process, then SIGKILLs whatever is left after `grace_s`."""
+  _signal_all(procs, signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
   while time.monotonic() < deadline and any(p.poll() is None for p in procs):
     time.sleep(0.1)
   _signal_all(procs, signal.SIGKILL)
@@ -105,24 +107,28 @@ def launch(command: list[str], *, processes: int, devices_per_process: int,
   forwarded = []
 
   def forward(signum, frame):
-    # Every process gets the signal, so they stop at the same step and checkpoint together.
+    # Every process gets the signal, so they stop at the same step and checkpoint together;
+    # a second Ctrl-C does not wait for that.
     forwarded.append(signum)
-    _signal_all(procs, signal.SIGTERM)
+    _signal_all(procs, signal.SIGTERM if len(forwarded) == 1 else signal.SIGKILL)
 
   old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   status = 0
   try:
-    while any(p.poll() is None for p in procs):
-      failed = [p for p in procs if p.returncode not in (None, 0)]
+    while True:
+      codes = [p.poll() for p in procs]  # every one: any() would stop at the first running
+      if all(c is not None for c in codes):
+        break
+      failed = [p for p, c in zip(procs, codes) if c not in (None, 0)]
       if failed:
         status = failed[0].returncode
         with lock:
           print(f'[launch] process {procs.index(failed[0])} exited with status {status}; '
                 'stopping the others.', file=sys.stderr, flush=True)
-        _stop_all(procs)
+        _stop_all(procs, grace_s=0.0)
         break
       if forwarded:  # give them time to checkpoint, then make sure they are gone
-        _stop_all(procs)
+        _stop_all(procs, grace_s=GRACE_S)
         break
       time.sleep(0.1)
   finally:

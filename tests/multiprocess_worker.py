@@ -6,12 +6,17 @@ checkpoint items) from the data pipeline, whose per-process document sharding ma
 batches differ between process counts. Run as a script by launch/local_multiprocess.py
 (`--script`), or call `train` in-process for the single-process reference.
 
-  python tests/multiprocess_worker.py WORKDIR TOTAL_STEPS CHECKPOINT_EVERY
+  python tests/multiprocess_worker.py WORKDIR TOTAL_STEPS CHECKPOINT_EVERY [SIGTERM_AT]
+
+SIGTERM_AT=P:S makes process P send itself SIGTERM while fetching the batch of step S+1, as
+a preempted host would: every process must then stop after that step and checkpoint it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,14 +54,18 @@ class RowsOfGlobalBatches:
   """This process's rows of each global batch. The state records both the step and the
   rows, so a process restored with another process's state would read the wrong rows."""
 
-  def __init__(self, batch_size: int, seq_len: int, vocab_size: int):
+  def __init__(self, batch_size: int, seq_len: int, vocab_size: int,
+               sigterm_at_step: int | None = None):
     self._shape = (batch_size, seq_len, vocab_size)
+    self._sigterm_at_step = sigterm_at_step
     per_process = batch_size // jax.process_count()
     start = jax.process_index() * per_process
     self._state = {'step': 0, 'rows': [start, start + per_process]}
 
   def __next__(self) -> dict[str, np.ndarray]:
     start, stop = self._state['rows']
+    if self._state['step'] == self._sigterm_at_step:
+      os.kill(os.getpid(), signal.SIGTERM)
     batch = global_batch(self._state['step'], *self._shape)
     self._state = {**self._state, 'step': self._state['step'] + 1}
     return {k: v[start:stop] for k, v in batch.items()}
@@ -77,8 +86,13 @@ def config(total_steps: int, checkpoint_every: int):
   return c
 
 
-def train(workdir: str | Path, total_steps: int, checkpoint_every: int) -> loop.Summary:
+def train(workdir: str | Path, total_steps: int, checkpoint_every: int,
+          sigterm_at: str | None = None) -> loop.Summary:
   c = config(total_steps, checkpoint_every)
+  sigterm_at_step = None
+  if sigterm_at:
+    process, step = (int(x) for x in sigterm_at.split(':'))
+    sigterm_at_step = step if process == jax.process_index() else None
   model = Encoder(encoder_config(c.model, vocab_size=c.data.vocab_size))
   batch_size, seq_len, vocab = c.train.batch_size, c.data.seq_len, c.data.vocab_size
   eval_rows = RowsOfGlobalBatches(batch_size, seq_len, vocab)
@@ -87,7 +101,7 @@ def train(workdir: str | Path, total_steps: int, checkpoint_every: int) -> loop.
   job = loop.Job(
       config=c, workdir=Path(workdir), sums_fn=mlm_sums(model),
       init_params=init_params_fn(model, seq_len),
-      train_iterator=RowsOfGlobalBatches(batch_size, seq_len, vocab),
+      train_iterator=RowsOfGlobalBatches(batch_size, seq_len, vocab, sigterm_at_step),
       eval_batches=lambda: eval_batches, tx=make_optimizer(c.train))
   Path(workdir).mkdir(parents=True, exist_ok=True)
   return loop.run(job)
@@ -95,5 +109,5 @@ def train(workdir: str | Path, total_steps: int, checkpoint_every: int) -> loop.
 
 if __name__ == '__main__':
   workdir, total_steps, checkpoint_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-  summary = train(workdir, total_steps, checkpoint_every)
+  summary = train(workdir, total_steps, checkpoint_every, *sys.argv[4:5])
   print(json.dumps(summary.__dict__))

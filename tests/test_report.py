@@ -193,6 +193,19 @@ def test_claim2_holds_when_big_drops_least_under_both():
   assert ev['quantize']['drop'][BIG] == pytest.approx(0.04)
 
 
+def test_claim2_is_undecided_when_the_largest_model_learned_nothing():
+  # The big model sits at the majority-class baseline: no drop, yet nothing was learned.
+  flat = {SMALL: lambda s: 0.3 * s, BIG: lambda s: 0.0}
+  rows = [r | {'majority_accuracy': 0.6} for r in
+          make_results(dense={SMALL: 0.8, BIG: 0.6}, prune_drop=flat,
+                       quant_drop={SMALL: lambda b: 0.1, BIG: lambda b: 0.0})]
+  v = evaluate_claims(rows, make_curves())[ROBUST]
+  assert v['held'] is None and 'majority-class baseline' in v['reason']
+  # The same drops with the big model clearly above the baseline do count.
+  rows = [r | {'majority_accuracy': 0.5} for r in rows]
+  assert evaluate_claims(rows, make_curves())[ROBUST]['held'] is True
+
+
 def test_claim2_fails_when_big_prunes_worse():
   rows = make_results(prune_drop={SMALL: lambda s: 0.3 * s, BIG: lambda s: 0.5 * s})
   v = evaluate_claims(rows, make_curves())[ROBUST]

@@ -232,6 +232,10 @@ def _drop_subverdict(results: Sequence[Row], dense: Mapping[str, float], largest
   return out
 
 
+# Accuracy points above the majority-class baseline a model needs before its robustness counts.
+MIN_ABOVE_BASELINE = 0.01
+
+
 def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
   """Claim 2, 'bigger_more_robust_to_compression'.
 
@@ -240,7 +244,8 @@ def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
                   all of them have; drop = dense accuracy - accuracy at that sparsity.
     quantization: among sizes with dense and `quantize` cells, take the lowest bit width
                   (< 32) that all of them have; drop = dense accuracy - accuracy there.
-  Drops are absolute accuracy points. A sub-verdict holds iff the largest model's drop is
+  Drops are absolute accuracy points. Null when rows carry `majority_accuracy` and the
+  largest model's dense accuracy is within MIN_ABOVE_BASELINE of it. A sub-verdict holds iff the largest model's drop is
   strictly the smallest. Rule: the claim holds iff every sub-verdict that can be computed
   holds (both, when the sweep has both methods); it is null only if neither can be computed.
   `prune_quantize` cells are not used here (they mix the two effects).
@@ -264,6 +269,14 @@ def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
     return _null(key, f'the largest model {largest} has no dense cell.', evidence)
   if len(dense) < 2:
     return _null(key, 'fewer than 2 sizes have a dense cell.', evidence)
+  # A model at the majority-class baseline learned nothing it could lose: its 'drop' of 0
+  # would make it look robust. Rows may carry the baseline as `majority_accuracy`.
+  baseline = max((r.get('majority_accuracy') or 0.0) for r in results)
+  if baseline and dense[largest] <= baseline + MIN_ABOVE_BASELINE:
+    evidence['majority_accuracy'] = baseline
+    return _null(key, f'the largest model {largest} is at the majority-class baseline (dense '
+                      f'accuracy {dense[largest]:.3f} vs {baseline:.3f}): with nothing learned '
+                      f'it has nothing to lose, so its robustness cannot be judged.', evidence)
   prune = _drop_subverdict(results, dense, largest, 'prune')
   quant = _drop_subverdict(results, dense, largest, 'quantize')
   evidence.update({'prune': prune, 'quantize': quant})

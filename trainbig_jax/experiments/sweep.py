@@ -25,6 +25,7 @@ from trainbig_jax.compress.checkpoints import compress_checkpoint
 from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import finetune as finetune_configs
 from trainbig_jax.configs import pretrain as pretrain_configs
+from trainbig_jax.data import classification
 from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import RESULTS_FILE, load_results
@@ -81,6 +82,8 @@ def compression_cells(sweep: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   def cell(method, sparsity, bits):
     c = compress_configs.get_config(sweep.compress_preset)
     c.prune.sparsity, c.quant.bits = float(sparsity), int(bits if bits < 32 else 0)
+    if sweep.quantize_embeddings:
+      c.quant.include = tuple(c.quant.include) + (r'embed/token/embedding$',)
     name = {'dense': 'dense', 'prune': f'prune{round(sparsity * 100)}',
             'quantize': f'int{bits}',
             'prune_quantize': f'prune{round(sparsity * 100)}_int{bits}'}[method]
@@ -151,6 +154,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
   tokenizer = train_or_load_tokenizer(first.data, str(workdir))
   done = {row['cell'] for row in load_results(workdir)}
   cells = compression_cells(sweep)
+  ft_task = finetune_config(sweep)
+  task = classification.get_task(ft_task.task)
+  majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
+                                                    ft_task.data_dir)
   for index, (layers, hidden) in enumerate(sweep.sizes, start=1):
     name = size_name(layers, hidden)
     run_dir = workdir / 'runs' / name
@@ -189,7 +196,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
           'nonzero_params': result['nonzero_params'], 'stored_bytes': result['stored_bytes'],
           'dense_fp32_bytes': result['dense_fp32_bytes'],
           'accuracy': result['eval_accuracy'], 'eval_loss': result['eval_loss'],
-          'task': result['task'],
+          'task': result['task'], 'majority_accuracy': majority,
       })
       done.add(cell_id)
     progress(f'{tag}: done')
