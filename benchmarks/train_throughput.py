@@ -9,8 +9,9 @@ synthetic masked batches that are already on the devices (no data-pipeline cost)
 once, then times --steps steps, each synchronised on its metrics as the trainer's loop is.
 
 It prints tokens/s, step time, model FLOPs per step counted two ways (XLA's cost analysis of
-the compiled step, and the analytic 6*N*T + 12*layers*hidden*seq_len*T), the FLOP/s they
-imply, and, measured in the same run on the same devices, the FLOP/s of large matmuls (fp32,
+the compiled step, and the analytic 6*N*T + 12*layers*hidden*seq_len*T, where each parameter
+counts the tokens that pass through it: the MLM head and the tied output embedding only see
+the masked positions, as in the trainer), the FLOP/s they imply, and, measured in the same run on the same devices, the FLOP/s of large matmuls (fp32,
 and the model's dtype when that differs). train FLOP/s / matmul FLOP/s is the MFU proxy: the
 share of what this machine demonstrably sustains on dense matmuls, rather than a datasheet
 peak. The last line is one JSON object for scripts.
@@ -33,11 +34,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainbig_jax.configs import pretrain as pretrain_configs
-from trainbig_jax.data.mlm import mask_tokens
+from trainbig_jax.data.mlm import mask_tokens, max_predictions
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
 from trainbig_jax.train import partitioning
 from trainbig_jax.train.pretrain import check_pretrain_config, init_params_fn
-from trainbig_jax.train.state import create_sharded_state, make_optimizer
+from trainbig_jax.train.state import create_sharded_state, make_optimizer, path_str
 from trainbig_jax.train.steps import make_train_step, mlm_sums
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask (data/tokenizer.py)
@@ -92,11 +93,24 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int,
                      random_token_prob=data_config.random_token_prob)
 
 
-def analytic_flops(num_params: int, layers: int, hidden: int, seq_len: int,
-                   tokens: int) -> float:
-  """6*N*T (forward + backward through every parameter) + attention scores and mixing,
-  12*layers*hidden*seq_len*T (QK^T and AV, forward 4*L*h*s*T, backward twice that)."""
-  return 6.0 * num_params * tokens + 12.0 * layers * hidden * seq_len * tokens
+def analytic_flops(params, layers: int, hidden: int, seq_len: int, tokens: int,
+                   predicted_tokens: int) -> float:
+  """6 FLOPs (forward + backward) per parameter per token it sees, plus attention scores and
+  mixing, 12*layers*hidden*seq_len*T (QK^T and AV: forward 4*L*h*s*T, backward twice that).
+
+  The encoder sees every token; the MLM head and the token embedding, tied as the output
+  projection, see only the `predicted_tokens` masked positions (the trainer computes logits
+  there alone); the input lookups (token and position embeddings) do no multiply-adds.
+  """
+  def tokens_through(path: str) -> int:
+    if path.startswith('mlm_head/') or path == 'embed/token/embedding':
+      return predicted_tokens
+    if path == 'embed/position/embedding':
+      return 0
+    return tokens
+  per_param = sum(int(np.prod(x.shape)) * tokens_through(path_str(k))
+                  for k, x in jax.tree_util.tree_flatten_with_path(params)[0])
+  return 6.0 * per_param + 12.0 * layers * hidden * seq_len * tokens
 
 
 def xla_flops(compiled) -> float | None:
@@ -123,9 +137,10 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
                                           jax.random.key(config.seed))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   replicated = NamedSharding(mesh, P())
-  # The trainer's step, jitted with the trainer's shardings (train/loop.py).
+  # The trainer's loss (train/pretrain.py) and step, jitted with its shardings (train/loop.py).
+  predictions = max_predictions(d.seq_len, d.mask_rate)
   step_fn = jax.jit(
-      make_train_step(mlm_sums(model), tx, config.train.grad_accum_steps),
+      make_train_step(mlm_sums(model, predictions), tx, config.train.grad_accum_steps),
       in_shardings=(shardings, partitioning.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=(0,))
   rng = np.random.default_rng(0)
@@ -153,8 +168,13 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
       'num_params': num_params, 'tokens_per_step': tokens, 'compile_s': compile_s,
       'step_s_mean': statistics.fmean(times), 'step_s_median': statistics.median(times),
       'xla_flops_per_step': xla_flops(compiled),
-      'analytic_flops_per_step': analytic_flops(num_params, m.num_layers, m.hidden, d.seq_len,
-                                                tokens),
+      'analytic_flops_per_step': analytic_flops(
+          state.params, m.num_layers, m.hidden, d.seq_len, tokens,
+          config.train.batch_size * predictions),
+      # The textbook 6*N*T (+ attention) with every parameter on every token, for reference.
+      'naive_6nt_flops_per_step': (6.0 * num_params * tokens
+                                   + 12.0 * m.num_layers * m.hidden * d.seq_len * tokens),
+      'predictions_per_row': predictions,
   }
 
 
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       'tokens_per_s': train['tokens_per_step'] / step_s,
       'xla_flops_per_step': train['xla_flops_per_step'],
       'analytic_flops_per_step': train['analytic_flops_per_step'],
+      'naive_6nt_flops_per_step': train['naive_6nt_flops_per_step'],
+      'predictions_per_row': train['predictions_per_row'],
       'xla_flops_per_s': xla_fs, 'analytic_flops_per_s': analytic_fs,
       'matmul_size': n, **{f'matmul_{dt}_flops_per_s': v for dt, v in matmul.items()},
       'mfu_proxy_analytic': analytic_fs / reference,
@@ -236,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f'over {args.steps} steps'),
       ('tokens/s', f'{result["tokens_per_s"]:,.0f}'),
       ('FLOPs/step (XLA)', _si(train['xla_flops_per_step'], 'FLOP')),
-      ('FLOPs/step (6NT+attn)', _si(train['analytic_flops_per_step'], 'FLOP')),
+      ('FLOPs/step (analytic)', _si(train['analytic_flops_per_step'], 'FLOP')
+       + f' (6NT+attn; head at {train["predictions_per_row"]} masked positions/row; '
+         f'{_si(train["naive_6nt_flops_per_step"], "FLOP")} with logits everywhere)'),
       ('train FLOP/s (XLA)', _si(xla_fs, 'FLOP/s')),
       ('train FLOP/s (analytic)', _si(analytic_fs, 'FLOP/s')),
       *[(f'matmul {n}^2 {dt}', _si(v, 'FLOP/s')) for dt, v in matmul.items()],

@@ -5,6 +5,8 @@ Checks: `trainbig train` finishes with both processes agreeing, metrics are writ
 checkpoints hold each process's own data position and restore; on batches that do not depend
 on the process count (tests/multiprocess_worker.py), a run that one process's SIGTERM stops
 and a rerun resumes equals an uninterrupted 1-process x 8-device run.
+
+About 90 s on 2 cores (3 launches of 2 processes plus a 1-process reference run).
 """
 
 import json
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 
 from trainbig_jax.data import sources
-from trainbig_jax.train import checkpoint
+from trainbig_jax.train import checkpoint, distributed
 from trainbig_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +122,28 @@ def test_preempted_and_resumed_two_process_run_equals_one_process(tmp_path):
   diff = max_abs_diff(checkpoint.restore_params(tmp_path / 'one'),
                       checkpoint.restore_params(two))
   assert diff < 1e-5, diff
+
+
+def test_distributed_settings_from_env():
+  env = {'TRAINBIG_COORDINATOR': '10.0.0.1:1234', 'TRAINBIG_NUM_PROCESSES': '4',
+         'TRAINBIG_PROCESS_ID': '3'}
+  assert distributed.settings_from_env(env) == {
+      'coordinator_address': '10.0.0.1:1234', 'num_processes': 4, 'process_id': 3}
+  assert distributed.settings_from_env({}) is None
+  for bad, match in [({'TRAINBIG_PROCESS_ID': '4'}, r'must be in \[0, 4\)'),
+                     ({'TRAINBIG_COORDINATOR': '10.0.0.1'}, 'expected host:port'),
+                     ({'TRAINBIG_NUM_PROCESSES': 'two'}, 'must be integers'),
+                     ({'TRAINBIG_NUM_PROCESSES': ''}, 'TRAINBIG_NUM_PROCESSES not set')]:
+    with pytest.raises(distributed.DistributedError, match=match):
+      distributed.settings_from_env({**env, **bad})
+
+
+def test_launcher_environment_overrides_the_device_count():
+  sys.path.insert(0, str(LAUNCHER.parent))
+  import local_multiprocess
+  env = local_multiprocess.process_env(
+      {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_foo=1'}, port=1234,
+      num_processes=2, process_id=1, devices_per_process=4)
+  assert env['XLA_FLAGS'].split() == ['--xla_foo=1', '--xla_force_host_platform_device_count=4']
+  assert (env['TRAINBIG_COORDINATOR'], env['TRAINBIG_NUM_PROCESSES'],
+          env['TRAINBIG_PROCESS_ID'], env['JAX_PLATFORMS']) == ('127.0.0.1:1234', '2', '1', 'cpu')

@@ -72,7 +72,12 @@ def initialize(auto_detect: bool = False, environ: Mapping[str, str] = os.enviro
   if settings is not None:
     jax.distributed.initialize(**settings)
   else:  # Cloud TPU, SLURM, Open MPI, ...: JAX reads the cluster's own environment
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # JAX: "coordinator_address should be defined."
+      raise DistributedError(
+          f'--distributed found no cluster to join ({e}); JAX detects Cloud TPU, SLURM, Open '
+          f'MPI and Kubernetes jobs, elsewhere set {", ".join(ENV_VARS)}.') from None
   global _joined
   _joined = True
   sys.excepthook = _exit_after_traceback

@@ -24,10 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trainbig_jax.compress import prune, quantize
-from trainbig_jax.data import classification
+from trainbig_jax.data import classification, sources
 from trainbig_jax.data.tokenizer import load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
-from trainbig_jax.train import checkpoint, loop
+from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.pretrain import ConfigError, check_model_config, check_train_config
 from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import classification_sums
@@ -124,8 +124,10 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
                       f'{config.model.max_len} positions.')
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  checkpoint.write_config(workdir, config)
-  tokenizer.copy_to(str(workdir))
+  with distributed.primary_first('trainbig:finetune_prepare'):
+    checkpoint.write_config(workdir, config)
+    tokenizer.copy_to(str(workdir))
+    sources.prepare(task.dataset, config.data_dir)
   model = Encoder(encoder_config(config.model, vocab_size=tokenizer.vocab_size,
                                  pad_id=tokenizer.pad_id))
 

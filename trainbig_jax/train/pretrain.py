@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from trainbig_jax.data import mlm
+from trainbig_jax.data import mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
-from trainbig_jax.train import checkpoint, loop, partitioning
+from trainbig_jax.train import checkpoint, distributed, loop, partitioning
 from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import mlm_sums
 
@@ -97,9 +97,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
   check_pretrain_config(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  checkpoint.write_config(workdir, config)
-  tokenizer = train_or_load_tokenizer(config.data, str(workdir))
-  tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
+  # Process 0 prepares the dataset and tokenizer; the others then open what it wrote.
+  with distributed.primary_first('trainbig:pretrain_prepare'):
+    checkpoint.write_config(workdir, config)
+    sources.prepare(config.data.dataset, config.data.data_dir)
+    tokenizer = train_or_load_tokenizer(config.data, str(workdir))
+    tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
   model = build_model(config, tokenizer)
   index, count = jax.process_index(), jax.process_count()
   eval_batches = mlm.pretrain_eval_batches(config, tokenizer, process_index=index,
