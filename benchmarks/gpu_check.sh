@@ -11,14 +11,6 @@ PY=${PY:-python3}
 log() { echo "== $*"; }
 {
   log "devices"; nvidia-smi -L; $PY -c 'import jax, flax, optax, orbax.checkpoint as o; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'
-  for args in \
-      "--preset=roberta_base --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=15 --matmul_size=8192" \
-      "--preset=width1536 --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=10 --matmul_size=8192" \
-      "--preset=depth24 --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=10 --matmul_size=8192" \
-      "--preset=width256 --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=15 --matmul_size=8192" \
-      "--preset=roberta_base --dtype=float32 --batch_size=64 --seq_len=512 --steps=10 --matmul_size=8192"; do
-    log "train_throughput $args"; timeout 150 $PY benchmarks/train_throughput.py $args 2>&1 | grep -v "^I1\|^W1"
-  done
   RUN=/tmp/gpu_run
   log "trainbig train width512 bf16, 60 s budget"
   timeout 200 $PY -m trainbig_jax.cli train --config=configs/pretrain.py:width512 --workdir=$RUN \
@@ -30,4 +22,12 @@ log() { echo "== $*"; }
   timeout 120 $PY -m trainbig_jax.cli compress --checkpoint=$RUN --config=configs/compress.py:prune50_int4 --out=$RUN-c --json 2>&1 | grep -v "^I1\|^W1"
   timeout 120 $PY -m trainbig_jax.cli eval --checkpoint=$RUN --json 2>&1 | grep -v "^I1\|^W1"
   timeout 120 $PY -m trainbig_jax.cli eval --checkpoint=$RUN-c --json 2>&1 | grep -v "^I1\|^W1"
+  [ -n "${SKIP_THROUGHPUT:-}" ] || for args in \
+      "--preset=roberta_base --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=15 --matmul_size=8192" \
+      "--preset=width1536 --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=10 --matmul_size=8192" \
+      "--preset=depth24 --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=10 --matmul_size=8192" \
+      "--preset=width256 --dtype=bfloat16 --batch_size=64 --seq_len=512 --steps=15 --matmul_size=8192" \
+      "--preset=roberta_base --dtype=float32 --batch_size=64 --seq_len=512 --steps=10 --matmul_size=8192"; do
+    log "train_throughput $args"; timeout 150 $PY benchmarks/train_throughput.py $args 2>&1 | grep -v "^I1\|^W1"
+  done
 } 2>&1 | tee "$OUT/gpu_check.log"

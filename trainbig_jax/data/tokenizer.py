@@ -152,6 +152,9 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os
   def all_lines() -> Iterator[str]:
     yield first
     yield from lines
+    # Every required character occurs at least once: SentencePiece 0.2.2's BPE trainer
+    # aborts the whole process on a required character of frequency 0.
+    yield ' '.join(REQUIRED_CHARS.replace(' ', ''))
 
   model = io.BytesIO()
   try:

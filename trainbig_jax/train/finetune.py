@@ -122,18 +122,21 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
   if config.max_len > config.model.max_len:
     raise ConfigError(f'max_len={config.max_len} exceeds the pretrained model\'s '
                       f'{config.model.max_len} positions.')
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  with distributed.primary_first('trainbig:finetune_prepare'):
-    checkpoint.write_config(workdir, config)
-    tokenizer.copy_to(str(workdir))
-    sources.prepare(task.dataset, config.data_dir)
   model = Encoder(encoder_config(config.model, vocab_size=tokenizer.vocab_size,
                                  pad_id=tokenizer.pad_id))
 
   def init_params(rng):
     fresh = model.init(rng, jnp.zeros((1, config.max_len), jnp.int32), task='classify')['params']
     return merge_pretrained(fresh, pretrained, str(init_checkpoint))
+
+  # An incompatible checkpoint fails here, before anything is written (abstract: no compute).
+  jax.eval_shape(init_params, jax.random.key(0))
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with distributed.primary_first('trainbig:finetune_prepare'):
+    checkpoint.write_config(workdir, config)
+    tokenizer.copy_to(str(workdir))
+    sources.prepare(task.dataset, config.data_dir)
 
   tx = make_optimizer(config.train)
   p, q = config.compression.prune, config.compression.qat
