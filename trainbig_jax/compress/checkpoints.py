@@ -86,6 +86,8 @@ def compress_checkpoint(run_dir: str | os.PathLike, c: ml_collections.ConfigDict
     raise FileExistsError(f'--out={out} already exists; choose a new folder (nothing was '
                           f'written).')
   check_compress_config(c)
+  if not Path(run_dir).exists():
+    raise checkpoint.CheckpointError(f'--checkpoint={run_dir} does not exist.')
   run_config = checkpoint.read_config(run_dir)
   params = checkpoint.restore_params(run_dir)
   compressed = compress_params(params, c, run_config.model.num_heads)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
@@ -137,6 +138,17 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
   state_dir = params_step_dir(run_dir) / 'state'
   if not state_dir.exists():
     raise CheckpointError(f'{state_dir.parent} is not a complete checkpoint: no state item.')
+  # Orbax warns that a step's item folder has no checkpoint-level metadata file, which is
+  # how CheckpointManager lays items out; the warning says nothing to the user.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return _restore_params(state_dir)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _restore_params(state_dir: Path) -> dict[str, Any]:
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(state_dir).item_metadata.tree
     restore_args = _numpy_restore_args(tree)
