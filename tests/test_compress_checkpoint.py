@@ -231,6 +231,17 @@ def test_existing_output_is_refused_and_left_untouched(run, tmp_path):
   assert not list(tmp_path.glob('.out.tmp-*'))
 
 
+def test_relative_paths_work_like_absolute_ones(run, dense_eval, tmp_path, monkeypatch):
+  # Orbax reads no metadata under a relative path; users type relative paths.
+  shutil.copytree(run, tmp_path / 'run')
+  monkeypatch.chdir(tmp_path)
+  relative = evaluate_checkpoint('run')
+  assert relative['eval_loss'] == dense_eval['eval_loss']
+  summary = compress_checkpoint('run', compress_config('int8'), 'int8_out')
+  assert summary['out'] == str(tmp_path / 'int8_out')
+  assert evaluate_checkpoint('int8_out')['stored_bytes'] == summary['compressed_bytes']
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 

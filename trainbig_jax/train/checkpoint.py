@@ -135,7 +135,8 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
   Reads only what is stored, without needing the optimizer that wrote it, so any Orbax user
   can do the same.
   """
-  state_dir = params_step_dir(run_dir) / 'state'
+  # Orbax finds no metadata under a relative path (it returns None), so resolve it first.
+  state_dir = params_step_dir(Path(run_dir).absolute()) / 'state'
   if not state_dir.exists():
     raise CheckpointError(f'{state_dir.parent} is not a complete checkpoint: no state item.')
   # Orbax warns that a step's item folder has no checkpoint-level metadata file, which is
