@@ -9,7 +9,7 @@ training time (measured by the trainer, evaluation excluded), fine-tuned on `fin
 then compressed at every sparsity and bit width of the grids and evaluated.
 
 Presets:
-  demo    3 sizes on the embedded corpora; about 12 minutes on 2 CPU cores.
+  demo    3 sizes on the embedded corpora; about 9 minutes on 2 CPU cores.
   tiny    2 sizes, seconds each; for tests.
   depth   the paper's depth grid (3..24 layers at hidden 768), RoBERTa settings, MNLI.
   width   the paper's width grid (hidden 256..1536 at 6 layers), RoBERTa settings, MNLI.
