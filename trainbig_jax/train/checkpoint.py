@@ -118,10 +118,11 @@ def params_step_dir(run_dir: str | os.PathLike) -> Path:
   """The checkpoint step folder whose parameters stand for a run.
 
   A fine-tuning run's best evaluation (best/N) when it has one, else the newest complete
-  step under checkpoints/.
+  step under checkpoints/. The path is absolute: Orbax reads no metadata under a relative
+  one (it returns None).
   """
   for sub in (BEST_DIR, CHECKPOINT_DIR):
-    root = Path(run_dir) / sub
+    root = Path(run_dir).absolute() / sub
     steps = ocp.utils.checkpoint_steps(root) if root.exists() else []
     if steps:
       return root / str(max(steps))
@@ -135,8 +136,7 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
   Reads only what is stored, without needing the optimizer that wrote it, so any Orbax user
   can do the same.
   """
-  # Orbax finds no metadata under a relative path (it returns None), so resolve it first.
-  state_dir = params_step_dir(Path(run_dir).absolute()) / 'state'
+  state_dir = params_step_dir(run_dir) / 'state'
   if not state_dir.exists():
     raise CheckpointError(f'{state_dir.parent} is not a complete checkpoint: no state item.')
   # Orbax warns that a step's item folder has no checkpoint-level metadata file, which is
