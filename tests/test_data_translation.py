@@ -239,6 +239,24 @@ def test_missing_debian_tools_fail_in_one_line_naming_alternatives(tmp_path, mon
     sources.prepare('trainbig_libreoffice_enfr', str(tmp_path / 'tfds'))
 
 
+def test_missing_package_lists_say_to_run_apt_get_update(tmp_path, monkeypatch):
+  # apt-get as on a fresh image without package lists: no .deb, one 'E:' line, status 100.
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  for tool, script in (('apt-get', 'echo "W: a warning" >&2\n'
+                                   'echo "E: Unable to locate package $2" >&2\nexit 100\n'),
+                       ('dpkg-deb', 'exit 0\n')):
+    (bin_dir / tool).write_text('#!/bin/sh\n' + script)
+    (bin_dir / tool).chmod(0o755)
+  monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+  with pytest.raises(lh.PackageFetchError) as raised:
+    lh.fetch_package('libreoffice-help-fr', tmp_path / 'cache')
+  message = str(raised.value)
+  assert '\n' not in message and 'apt-get update' in message
+  assert 'Unable to locate package libreoffice-help-fr' in message
+  assert not list((tmp_path / 'cache').iterdir())
+
+
 @pytest.mark.skipif(not (shutil.which('apt-get') and shutil.which('dpkg-deb')),
                     reason='the embedded translation corpus needs apt-get and dpkg-deb '
                     '(Debian/Ubuntu); elsewhere use wmt14_translate/fr-en or parallel: files')
