@@ -5,7 +5,8 @@ Debian ships the LibreOffice help as one package per language (`libreoffice-help
 from the same XHP sources), and every translated paragraph or heading keeps its source's `id`
 attribute (`par_id3153004`, `hd_id3149312`, ...), so a page path plus an id names one aligned
 pair. This builder fetches the two packages with `apt-get download` into the TFDS download
-folder, unpacks them with `dpkg-deb -x` (no root, nothing installed) and writes array_record.
+folder (kept there, so preparing again needs no network), unpacks them into a temporary folder
+with `dpkg-deb -x` (no root, nothing installed) and writes array_record.
 
 Text of a paragraph: all its text, whitespace collapsed, with LibreOffice's inline "switch"
 variants resolved to their default case (a hidden `<span>` whose id does not start with
@@ -29,7 +30,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import html.parser
-import os
 import shutil
 import subprocess
 import tempfile
@@ -110,20 +110,13 @@ def package_version(deb: Path) -> str:
   return result.stdout.strip()
 
 
-def unpack_package(deb: Path) -> Path:
-  """The folder `deb` is unpacked into (next to it, named after it), unpacking it once."""
-  target = deb.with_suffix('')
-  if not target.is_dir():
-    _require_tools()
-    # Unpack beside the target and rename, so an interrupted unpack is never mistaken for a
-    # complete one.
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + '.', dir=deb.parent))
-    result = _run(['dpkg-deb', '-x', str(deb), str(tmp)], deb.parent)
-    if result.returncode:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise DatasetError(f'`dpkg-deb -x {deb}` failed: {result.stderr.strip()}; delete the '
-                         'file to download it again.')
-    os.replace(tmp, target)
+def unpack_package(deb: Path, target: Path) -> Path:
+  """Unpacks `deb` into the folder `target` with `dpkg-deb -x`; returns `target`."""
+  _require_tools()
+  result = _run(['dpkg-deb', '-x', str(deb), str(target)], deb.parent)
+  if result.returncode:
+    raise DatasetError(f'`dpkg-deb -x {deb}` failed: {result.stderr.strip()}; delete the '
+                       'file to download it again.')
   return target
 
 
@@ -255,12 +248,21 @@ class LibreOfficeHelpEnFr(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     cache_dir = Path(dl_manager.download_dir) / self.name
-    folders = {}
-    for lang, (package, help_folder) in PACKAGES.items():
-      deb = fetch_package(package, cache_dir)
-      self.info.metadata[f'debian_{lang}'] = f'{package}={package_version(deb)}'
-      folders[lang] = unpack_package(deb) / HELP_ROOT / help_folder
-    splits = split_pairs(aligned_pairs(folders['en'] / 'text', folders['fr'] / 'text'))
+    debs = {lang: fetch_package(package, cache_dir) for lang, (package, _) in PACKAGES.items()}
+    for lang, deb in debs.items():
+      self.info.metadata[f'debian_{lang}'] = f'{PACKAGES[lang][0]}={package_version(deb)}'
+    # Only the .deb files are kept: the unpacked pages (60 MB) are read once, here.
+    with tempfile.TemporaryDirectory(dir=cache_dir) as unpacked:
+      texts = {}
+      for lang, deb in debs.items():
+        root = unpack_package(deb, Path(unpacked) / lang)
+        texts[lang] = root / HELP_ROOT / PACKAGES[lang][1] / 'text'
+      splits = split_pairs(aligned_pairs(texts['en'], texts['fr']))
+    if not all(splits.values()):
+      raise DatasetError(
+          f'The packages {", ".join(d.name for d in debs.values())} gave no aligned pairs for '
+          f'some split ({", ".join(f"{k}: {len(v)}" for k, v in splits.items())}); their '
+          f'layout is not {HELP_ROOT}/<lang>/text/**/*.html as expected.')
     return {name: self._generate_examples(rows) for name, rows in splits.items()}
 
   def _generate_examples(self, rows):
