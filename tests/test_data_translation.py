@@ -410,6 +410,15 @@ def test_corpus_scores_are_sacrebleu_bleu_and_chrf():
     tr.corpus_scores(hypotheses, references[:1])
 
 
+def test_copy_source_baseline(fake_splits):
+  config = _config()
+  pairs = fake_splits['validation'][:10]
+  scores = tr.copy_source_scores(config, limit=10)
+  assert scores == tr.corpus_scores([en for en, _ in pairs], [fr for _, fr in pairs])
+  # Words spelled alike in both languages ('format', 'page', 'style') score above zero.
+  assert 0 < scores['chrf'] < 100
+
+
 def test_detokenize_stops_at_eos(tokenizer):
   ids = tokenizer.encode('le chat rouge')
   generated = [tok_lib.BOS_ID] + ids + [tok_lib.EOS_ID] + ids + [tok_lib.PAD_ID] * 3

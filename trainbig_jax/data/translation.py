@@ -227,3 +227,14 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[
       'bleu': float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
       'chrf': float(sacrebleu.corpus_chrf(hypotheses, [references]).score),
   }
+
+
+def copy_source_scores(config: ml_collections.ConfigDict, split: str | None = None,
+                       limit: int | None = None) -> dict[str, float]:
+  """corpus_scores of "translating" by copying the source unchanged: the floor a model must
+  beat. Not negligible between related languages in software documentation, where menu
+  names, numbers and code pass through (BLEU 6.0 on the embedded validation split)."""
+  pairs = translation_pairs(config, split, limit)
+  if not pairs:
+    raise DataPipelineError(f'limit={limit} leaves no pairs to score.')
+  return corpus_scores([source for source, _ in pairs], [target for _, target in pairs])
