@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from trainbig_jax.compress import prune, quantize, storage
+from trainbig_jax.models.layout import flatten_with_paths
 from trainbig_jax.train import checkpoint
 
 COMPRESSED_DIR = 'compressed'
@@ -122,7 +123,7 @@ def compress_checkpoint(run_dir: str | os.PathLike, c: ml_collections.ConfigDict
 
 def _nonzero_counts(params: Any, c: ml_collections.ConfigDict) -> dict[str, Any]:
   """Nonzero weights overall and within the selected (prunable) matrices."""
-  leaves = dict(prune.flatten_with_paths(params)[0])
+  leaves = dict(flatten_with_paths(params)[0])
   selected = prune.select_paths(list(leaves), tuple(c.prune.include), tuple(c.prune.exclude))
   count = lambda names: sum(int(np.count_nonzero(leaves[n])) for n in names)
   size = lambda names: sum(int(np.size(leaves[n])) for n in names)
@@ -138,6 +139,6 @@ def load_checkpoint_params(path: str | os.PathLike) -> tuple[Any, dict[str, Any]
     facts['stored_bytes'] = facts.pop('compressed_bytes')
     return params, facts
   params = checkpoint.restore_params(path)
-  dense_bytes = sum(4 * int(np.size(x)) for _, x in prune.flatten_with_paths(params)[0])
+  dense_bytes = sum(4 * int(np.size(x)) for _, x in flatten_with_paths(params)[0])
   return params, {'checkpoint_kind': 'dense', 'stored_bytes': dense_bytes,
                   'dense_fp32_bytes': dense_bytes}

@@ -19,9 +19,10 @@ import re
 
 import ml_collections
 
+from trainbig_jax.models.layout import LAYER_KERNELS
+
 SPARSITY_GRID = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90)
 BITS_GRID = (8, 6, 4, 3, 2)
-LAYER_KERNELS = (r'layers_\d+/.*/kernel$',)
 
 _PRESET = re.compile(
     r'^(?:dense|(?:(?P<kind>prune|heads|neurons)(?P<sparsity>\d+)(?P<global>_global)?)?'

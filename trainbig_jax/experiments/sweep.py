@@ -59,9 +59,7 @@ def pretrain_config(sweep: ml_collections.ConfigDict, layers: int, hidden: int,
   c = pretrain_configs.get_config(sweep.pretrain_preset)
   _override(c, sweep.pretrain_overrides.to_dict(), 'pretrain_overrides')
   c.preset = size_name(layers, hidden)
-  c.model.num_layers, c.model.hidden = layers, hidden
-  c.model.num_heads = sweep.heads or max(1, hidden // 64)
-  c.model.mlp_dim = 4 * hidden
+  pretrain_configs.set_size(c, layers, hidden, heads=sweep.heads or None)
   c.train.budget_s = float(sweep.pretrain_budget_s)
   c.train.total_steps = sweep.pretrain_total_steps
   # About 12 evaluations over the budget, evenly spaced in time whatever the model's speed.

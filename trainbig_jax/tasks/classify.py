@@ -29,6 +29,7 @@ from trainbig_jax.compress import prune, quantize
 from trainbig_jax.data import classification, sources
 from trainbig_jax.data.tokenizer import Tokenizer, load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
+from trainbig_jax.models.layout import path_str
 from trainbig_jax.tasks.mlm import check_model_config, encoder_init_fn
 from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.best import BestCheckpoint
@@ -156,10 +157,10 @@ def merge_pretrained(fresh: Any, pretrained: dict[str, Any], source: str) -> Any
   """
   fresh_flat = jax.tree_util.tree_flatten_with_path(fresh)[0]
   pre_flat = dict(jax.tree_util.tree_flatten_with_path(pretrained)[0])
-  pre_by_name = {prune.path_str(k): v for k, v in pre_flat.items()}
+  pre_by_name = {path_str(k): v for k, v in pre_flat.items()}
   leaves = []
   for key, value in fresh_flat:
-    name = prune.path_str(k for k in key if getattr(k, 'name', None) != 'value')
+    name = path_str(k for k in key if getattr(k, 'name', None) != 'value')
     if not _is_encoder_part(name.split('/')[0]):
       leaves.append(value)
       continue
