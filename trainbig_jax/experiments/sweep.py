@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from trainbig_jax import files
 from trainbig_jax.compress.checkpoints import compress_checkpoint
 from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import finetune as finetune_configs
@@ -118,9 +119,7 @@ def _claim_folder(workdir: Path, sweep: ml_collections.ConfigDict) -> None:
                        f'the same config to resume it.')
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(sweep.to_json(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write(path, sweep.to_json(indent=2))
 
 
 def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
@@ -129,9 +128,7 @@ def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
   if summary_path.exists():
     return json.loads(summary_path.read_text())
   summary = train_fn().__dict__
-  tmp = summary_path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(summary))
-  os.replace(tmp, summary_path)
+  files.atomic_write(summary_path, json.dumps(summary))
   return summary
 
 
