@@ -43,8 +43,7 @@ def check_compress_config(c: ml_collections.ConfigDict) -> None:
   if c.prune.scope not in prune.SCOPES:
     raise ValueError(f'prune.scope={c.prune.scope!r} is invalid; allowed: '
                      f'{", ".join(prune.SCOPES)}.')
-  if c.quant.bits != 0:
-    quantize.check_bits(c.quant.bits)
+  quantize.check_setting_bits(c.quant.bits)
   if c.quant.granularity not in GRANULARITIES:
     raise ValueError(f'quant.granularity={c.quant.granularity!r} is invalid; allowed: '
                      f'{", ".join(GRANULARITIES)}.')
@@ -71,7 +70,7 @@ def compress_params(params: Any, c: ml_collections.ConfigDict, num_heads: int
   check_compress_config(c)
   masks = pruning_masks(params, c, num_heads)
   quant = None
-  if c.quant.bits:
+  if c.quant.bits != quantize.FLOAT_BITS:
     quant = dict(bits=c.quant.bits, symmetric=c.quant.symmetric,
                  per_channel=c.quant.granularity == 'per_channel')
   # Selecting what to quantize also validates the patterns (a pattern matching nothing fails).

@@ -57,6 +57,21 @@ class QuantizedTensor:
     return self.channel_axis is not None
 
 
+# "Not quantized" everywhere (compress and QAT configs, sweep cells, results rows): the
+# weights keep their 32-bit float width.
+FLOAT_BITS = 32
+
+
+def check_setting_bits(bits: Any) -> int:
+  """A config's bit width: FLOAT_BITS (not quantized) or a width check_bits accepts."""
+  if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits == FLOAT_BITS:
+    return FLOAT_BITS
+  try:
+    return check_bits(bits)
+  except ValueError as e:
+    raise ValueError(f'{str(e).rstrip(".")} ({FLOAT_BITS}: not quantized).') from None
+
+
 def check_bits(bits: Any) -> int:
   """bits must be a Python/numpy integer in 2..8; anything else raises one ValueError."""
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (

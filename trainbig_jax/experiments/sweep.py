@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from trainbig_jax import files
+from trainbig_jax.compress import quantize
 from trainbig_jax.compress.checkpoints import compress_checkpoint
 from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import finetune as finetune_configs
@@ -80,15 +81,15 @@ def compression_cells(sweep: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The compression grid: (name, method, sparsity, bits, compress config) per cell."""
   def cell(method, sparsity, bits):
     c = compress_configs.get_config(sweep.compress_preset)
-    c.prune.sparsity, c.quant.bits = float(sparsity), int(bits if bits < 32 else 0)
+    c.prune.sparsity, c.quant.bits = float(sparsity), int(bits)
     if sweep.quantize_embeddings:
       c.quant.include = tuple(c.quant.include) + (r'embed/token/embedding$',)
     name = {'dense': 'dense', 'prune': f'prune{round(sparsity * 100)}',
             'quantize': f'int{bits}',
             'prune_quantize': f'prune{round(sparsity * 100)}_int{bits}'}[method]
     return dict(name=name, method=method, sparsity=float(sparsity), bits=int(bits), config=c)
-  cells = [cell('dense', 0.0, 32)]
-  cells += [cell('prune', s, 32) for s in sweep.sparsities]
+  cells = [cell('dense', 0.0, quantize.FLOAT_BITS)]
+  cells += [cell('prune', s, quantize.FLOAT_BITS) for s in sweep.sparsities]
   cells += [cell('quantize', 0.0, b) for b in sweep.bits]
   cells += [cell('prune_quantize', s, b) for s, b in sweep.prune_quantize]
   return cells
@@ -106,8 +107,10 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> None:
     if not 0.0 < s < 1.0:
       raise SweepError(f'sparsity {s!r} in the grid is invalid: allowed (0, 1).')
   for b in list(sweep.bits) + [b for _, b in sweep.prune_quantize]:
-    if not (isinstance(b, int) and 2 <= b <= 8):
-      raise SweepError(f'bits {b!r} in the grid is invalid: allowed 2..8.')
+    try:
+      quantize.check_bits(b)
+    except ValueError as e:
+      raise SweepError(f'bits {b!r} in the grid is invalid: {e}') from None
 
 
 def _claim_folder(workdir: Path, sweep: ml_collections.ConfigDict) -> None:

@@ -65,8 +65,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= p.begin_frac <= p.end_frac <= 1.0:
     raise ConfigError(f'compression.prune.begin_frac={p.begin_frac!r} and end_frac='
                       f'{p.end_frac!r} must satisfy 0 <= begin_frac <= end_frac <= 1.')
-  if q.bits != 0:
-    quantize.check_bits(q.bits)
+  quantize.check_setting_bits(q.bits)
   check_train_config(config, jax.device_count())
 
 
@@ -211,7 +210,7 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
     tx = prune.with_pruning(tx, p.final_sparsity, begin, end, update_every=p.update_every,
                             scope=p.scope, include=tuple(p.include), exclude=tuple(p.exclude))
   sums = sums_fn(model, config)
-  if q.bits:
+  if q.bits != quantize.FLOAT_BITS:
     sums = quantize.qat_sums(sums, q)
 
   index, count = jax.process_index(), jax.process_count()
