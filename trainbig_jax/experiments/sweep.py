@@ -9,6 +9,9 @@ Layout of a sweep folder DIR:
   results.jsonl                 one line per evaluated cell (see experiments/results.py)
 Every stage is resumable: finished runs carry a summary.json, finished cells a line in
 results.jsonl, and a rerun after an interruption does only what is missing.
+In a multi-process job every process trains and evaluates; process 0 alone writes the shared
+files (sweep.json, the tokenizer, summaries, compressed checkpoints, results rows) and the
+others wait for it where they then read them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
 from trainbig_jax import files
@@ -33,6 +37,7 @@ from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import RESULTS_FILE, load_results
 from trainbig_jax.tasks.classify import finetune
 from trainbig_jax.tasks.mlm import pretrain
+from trainbig_jax.train import distributed
 
 SWEEP_FILE = 'sweep.json'
 SUMMARY_FILE = 'summary.json'
@@ -131,11 +136,14 @@ def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
   if summary_path.exists():
     return json.loads(summary_path.read_text())
   summary = train_fn().__dict__
-  files.atomic_write(summary_path, json.dumps(summary))
+  if jax.process_index() == 0:  # every process trained; one records it
+    files.atomic_write(summary_path, json.dumps(summary))
   return summary
 
 
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
+  if jax.process_index() != 0:  # every process evaluated the cell; one row records it
+    return
   with open(workdir / RESULTS_FILE, 'a') as f:
     f.write(json.dumps(row) + '\n')
     f.flush()
@@ -147,15 +155,18 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """Runs (or resumes) the sweep in `workdir`; returns the results file."""
   check_sweep_config(sweep)
   workdir = Path(workdir).absolute()
-  _claim_folder(workdir, sweep)
   first = pretrain_config(sweep, *sweep.sizes[0], tokenizer_path=None)
-  tokenizer = train_or_load_tokenizer(first.data, str(workdir))
-  done = {row['cell'] for row in load_results(workdir)}
-  cells = compression_cells(sweep)
   ft_task = finetune_config(sweep)
   task = classification.get_task(ft_task.task)
-  majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
-                                                    ft_task.data_dir)
+  # Process 0 claims the folder, trains the shared tokenizer and reads the data first; the
+  # others then find what it wrote instead of racing it for the same files.
+  with distributed.primary_first('trainbig:sweep_prepare'):
+    _claim_folder(workdir, sweep)
+    tokenizer = train_or_load_tokenizer(first.data, str(workdir))
+    majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
+                                                      ft_task.data_dir)
+  done = {row['cell'] for row in load_results(workdir)}
+  cells = compression_cells(sweep)
   for index, (layers, hidden) in enumerate(sweep.sizes, start=1):
     name = size_name(layers, hidden)
     run_dir = workdir / 'runs' / name
@@ -181,8 +192,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
         target = run_dir / 'finetune'
       else:
         target = run_dir / 'compressed' / cell['name']
-        if not target.exists():  # compress_checkpoint is atomic: an existing folder is whole
-          compress_checkpoint(run_dir / 'finetune', cell['config'], target)
+        with distributed.primary_first(f'trainbig:sweep_compress:{cell_id}'):
+          if not target.exists():  # compress_checkpoint is atomic: an existing folder is whole
+            compress_checkpoint(run_dir / 'finetune', cell['config'], target)
       result = evaluate_checkpoint(target)
       _append_result(workdir, {
           'cell': cell_id, 'model': name, 'layers': layers, 'hidden': hidden,
