@@ -36,9 +36,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.data.mlm import mask_tokens, max_predictions
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
-from trainbig_jax.train import partitioning
+from trainbig_jax.models.layout import path_str
 from trainbig_jax.tasks.mlm import check_config, init_params_fn, mlm_sums
-from trainbig_jax.train.state import create_sharded_state, make_optimizer, path_str
+from trainbig_jax.train import partitioning
+from trainbig_jax.train.state import create_sharded_state, make_optimizer
 from trainbig_jax.train.steps import make_train_step
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask (data/tokenizer.py)

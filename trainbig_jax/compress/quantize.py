@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainbig_jax.compress.prune import DEFAULT_INCLUDE, flatten_with_paths, select_paths
+from trainbig_jax.compress.prune import select_paths
+from trainbig_jax.models.layout import LAYER_KERNELS, flatten_with_paths
 
 PyTree = Any
 MIN_BITS, MAX_BITS = 2, 8
@@ -54,6 +55,21 @@ class QuantizedTensor:
   @property
   def per_channel(self) -> bool:
     return self.channel_axis is not None
+
+
+# "Not quantized" everywhere (compress and QAT configs, sweep cells, results rows): the
+# weights keep their 32-bit float width.
+FLOAT_BITS = 32
+
+
+def check_setting_bits(bits: Any) -> int:
+  """A config's bit width: FLOAT_BITS (not quantized) or a width check_bits accepts."""
+  if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits == FLOAT_BITS:
+    return FLOAT_BITS
+  try:
+    return check_bits(bits)
+  except ValueError as e:
+    raise ValueError(f'{str(e).rstrip(".")} ({FLOAT_BITS}: not quantized).') from None
 
 
 def check_bits(bits: Any) -> int:
@@ -145,7 +161,7 @@ def _map_selected(fn, params: PyTree, include, exclude) -> PyTree:
 
 
 def quantize_tree(params: PyTree, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                  channel_axis: int = -1, include: str | Iterable[str] = DEFAULT_INCLUDE,
+                  channel_axis: int = -1, include: str | Iterable[str] = LAYER_KERNELS,
                   exclude: str | Iterable[str] = ()) -> PyTree:
   """params with a QuantizedTensor at every selected leaf (default: layer kernels)."""
   bits = check_bits(bits)
@@ -179,7 +195,7 @@ def fake_quant(x: jax.Array, bits: int, *, symmetric: bool = True, per_channel: 
 
 def fake_quant_tree(params: PyTree, bits: int, *, symmetric: bool = True,
                     per_channel: bool = True, channel_axis: int = -1,
-                    include: str | Iterable[str] = DEFAULT_INCLUDE,
+                    include: str | Iterable[str] = LAYER_KERNELS,
                     exclude: str | Iterable[str] = ()) -> PyTree:
   """fake_quant on the selected leaves (for quantization-aware training); others unchanged."""
   bits = check_bits(bits)

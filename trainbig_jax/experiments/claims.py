@@ -243,6 +243,7 @@ def _drop_subverdict(results: Sequence[Row], dense: Mapping[str, float], largest
   harshest = max if method == 'prune' else min
   by_model: dict[str, list[Row]] = defaultdict(list)
   for r in results:
+    # 32 bits: not quantized (compress/quantize.FLOAT_BITS, as in every config).
     compressed = r['sparsity'] > 0 if method == 'prune' else r['bits'] < 32
     if r['method'] == method and r['model'] in dense and compressed:
       by_model[r['model']].append(r)

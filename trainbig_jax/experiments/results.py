@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from trainbig_jax import files
+
 RESULTS_FILE = 'results.jsonl'
 SWEEP_CONFIG_FILE = 'sweep.json'
 
@@ -39,27 +41,10 @@ class ResultsError(ValueError):
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-  """(line number, object) for every JSON line; a final partial line is dropped."""
-  lines = path.read_text(encoding='utf-8').splitlines()
-  # Index of the last non-blank line: the only one allowed to be a partial write.
-  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-  records = []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      if i == last:
-        break  # interrupted write: the record was never complete
-      raise ResultsError(f'{path}, line {i + 1}: not valid JSON ({e.msg}).') from None
-    if not isinstance(obj, dict):
-      if i == last:
-        break
-      raise ResultsError(f'{path}, line {i + 1}: expected a JSON object, got '
-                         f'{type(obj).__name__}.')
-    records.append((i + 1, obj))
-  return records
+  try:
+    return files.read_jsonl(path)
+  except files.JsonlError as e:
+    raise ResultsError(str(e)) from None
 
 
 def _default_cell_id(row: dict[str, Any]) -> str:

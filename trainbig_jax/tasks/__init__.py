@@ -30,9 +30,13 @@ Evaluation metrics are named: the loop turns the summed eval sums into `eval_los
 metrics.jsonl, carries them in `Summary.metrics`, and a task that keeps its best checkpoint
 (train/best.BestCheckpoint) ranks evaluations by PRIMARY_METRIC in PRIMARY_MODE.
 
-The task of a run is `config.task_kind`. Folders written before that field existed still
-load: a config without it is 'classify' when it has the classification field `task` (the
-dataset name, e.g. 'rotten_tomatoes'), otherwise 'mlm'.
+The task of a run is `config.task_kind`: each config file sets it (configs/pretrain.py 'mlm',
+configs/finetune.py 'classify'), `trainbig train` and `finetune` call that task's `train`, and
+`eval`, `compress` and `sweep` read it back from config.json (`trainbig eval --json` reports
+task_kind, primary_metric and primary_mode; sweep rows carry metric, metric_name and
+higher_is_better). Folders written before the field existed still load: a config without it
+is 'classify' when it has the classification field `task` (the dataset name, e.g.
+'rotten_tomatoes'), otherwise 'mlm'.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from trainbig_jax.compress import prune, quantize
 from trainbig_jax.data import classification, sources
 from trainbig_jax.data.tokenizer import Tokenizer, load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
+from trainbig_jax.models.layout import path_str
 from trainbig_jax.tasks.mlm import check_model_config, encoder_init_fn
 from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.best import BestCheckpoint
@@ -64,8 +65,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= p.begin_frac <= p.end_frac <= 1.0:
     raise ConfigError(f'compression.prune.begin_frac={p.begin_frac!r} and end_frac='
                       f'{p.end_frac!r} must satisfy 0 <= begin_frac <= end_frac <= 1.')
-  if q.bits != 0:
-    quantize.check_bits(q.bits)
+  quantize.check_setting_bits(q.bits)
   check_train_config(config, jax.device_count())
 
 
@@ -156,10 +156,10 @@ def merge_pretrained(fresh: Any, pretrained: dict[str, Any], source: str) -> Any
   """
   fresh_flat = jax.tree_util.tree_flatten_with_path(fresh)[0]
   pre_flat = dict(jax.tree_util.tree_flatten_with_path(pretrained)[0])
-  pre_by_name = {prune.path_str(k): v for k, v in pre_flat.items()}
+  pre_by_name = {path_str(k): v for k, v in pre_flat.items()}
   leaves = []
   for key, value in fresh_flat:
-    name = prune.path_str(k for k in key if getattr(k, 'name', None) != 'value')
+    name = path_str(k for k in key if getattr(k, 'name', None) != 'value')
     if not _is_encoder_part(name.split('/')[0]):
       leaves.append(value)
       continue
@@ -210,7 +210,7 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
     tx = prune.with_pruning(tx, p.final_sparsity, begin, end, update_every=p.update_every,
                             scope=p.scope, include=tuple(p.include), exclude=tuple(p.exclude))
   sums = sums_fn(model, config)
-  if q.bits:
+  if q.bits != quantize.FLOAT_BITS:
     sums = quantize.qat_sums(sums, q)
 
   index, count = jax.process_index(), jax.process_count()
