@@ -118,10 +118,10 @@ def test_packed_pairs_get_their_own_loss(model_params):
                targets_position=targets_pos)
   sums = label_smoothed_sums(model, label_smoothing=0.1)
   rng = jax.random.key(0)
-  together = sums(params, batch, rng, False)
-  alone = [sums(params, dict(inputs=_padded([s], 12), targets=_padded([t], 10)), rng, False)
+  together = sums(params, batch, rng, True)  # smoothed loss; dropout is 0 in these configs
+  alone = [sums(params, dict(inputs=_padded([s], 12), targets=_padded([t], 10)), rng, True)
            for s, t in pairs]
-  for key in ('loss', 'nll', 'weight', 'correct'):
+  for key in ('loss', 'weight', 'correct'):
     np.testing.assert_allclose(together[key], sum(a[key] for a in alone), rtol=1e-5)
   # Per pair too (a leak between pairs could cancel in the total): compare token log-probs.
   logits = model.apply({'params': params}, inputs, targets, inputs_seg, targets_seg, inputs_pos,
@@ -137,13 +137,15 @@ def test_label_smoothing_matches_optax(model_params):
   model, params = model_params
   pairs = _pairs(seed=3)
   batch = dict(inputs=_padded([s for s, _ in pairs], 12), targets=_padded([t for _, t in pairs], 10))
-  got = label_smoothed_sums(model, label_smoothing=0.2)(params, batch, jax.random.key(0), False)
+  sums = label_smoothed_sums(model, label_smoothing=0.2)
   logits = model.apply({'params': params}, batch['inputs'], batch['targets'])
-  labels = optax.smooth_labels(jax.nn.one_hot(batch['targets'], CFG.vocab_size), 0.2)
   weights = batch['targets'] != PAD
-  want = jnp.sum(optax.softmax_cross_entropy(logits, labels) * weights)
-  np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
-  assert got['weight'] == weights.sum()
+  for train, smoothing in ((True, 0.2), (False, 0.0)):  # eval reports the plain NLL
+    got = sums(params, batch, jax.random.key(0), train)
+    labels = optax.smooth_labels(jax.nn.one_hot(batch['targets'], CFG.vocab_size), smoothing)
+    want = jnp.sum(optax.softmax_cross_entropy(logits, labels) * weights)
+    np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
+    assert got['weight'] == weights.sum()
 
 
 def test_cached_decoding_gives_full_forward_logits(model_params):

@@ -326,11 +326,12 @@ def encoder_decoder_config(model_config: Any, vocab_size: int, pad_id: int = 0,
 
 
 def label_smoothed_sums(model: EncoderDecoder, label_smoothing: float = 0.1):
-  """sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correct', 'tokens', 'nll'}.
+  """sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correct', 'tokens'} summed over
+  target tokens != pad (the contract of train/steps.py).
 
-  `loss` is the label-smoothed cross-entropy (smoothing mass spread uniformly over the
-  vocabulary, as fairseq and flax's wmt example), summed over target tokens != pad; `nll` is
-  the plain cross-entropy (what perplexity and eval_loss report).
+  In training `loss` is the label-smoothed cross-entropy (mass `label_smoothing` spread
+  uniformly over the vocabulary, as fairseq and flax's wmt example); in evaluation it is the
+  plain cross-entropy, so eval_loss is a log-perplexity comparable across smoothing settings.
   """
   def sums(params, batch, rng, train):
     logits = model.apply(
@@ -341,12 +342,12 @@ def label_smoothed_sums(model: EncoderDecoder, label_smoothing: float = 0.1):
     targets = batch['targets']
     weights = (targets != model.cfg.pad_id).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    smooth = -jnp.mean(log_probs, axis=-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if train and label_smoothing > 0:
+      loss = (1.0 - label_smoothing) * loss - label_smoothing * jnp.mean(log_probs, axis=-1)
     correct = jnp.argmax(logits, -1) == targets
-    return {'loss': jnp.sum(loss * weights), 'nll': jnp.sum(nll * weights),
-            'weight': jnp.sum(weights), 'correct': jnp.sum(correct * weights),
+    return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
+            'correct': jnp.sum(correct * weights),
             'tokens': (jnp.sum(batch['inputs'] != model.cfg.pad_id)
                        + jnp.sum(weights)).astype(jnp.float32)}
   return sums
