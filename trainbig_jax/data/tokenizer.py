@@ -122,11 +122,11 @@ def as_text(value: Any) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def _training_lines(source, text_key: str, max_chars: int) -> Iterator[str]:
+def _training_lines(source, text_keys: Sequence[str], max_chars: int) -> Iterator[str]:
   """Non-empty lines of the corpus, in source order, up to `max_chars` characters in all."""
   remaining = max_chars
-  for index in range(len(source)):
-    example = source[index]
+  fields = ((source[index], key) for index in range(len(source)) for key in text_keys)
+  for example, text_key in fields:
     if text_key not in example:
       raise TokenizerError(f'data.text_key={text_key!r} is not a feature of the dataset; it '
                            f'has: {", ".join(sorted(example))}.')
@@ -139,6 +139,14 @@ def _training_lines(source, text_key: str, max_chars: int) -> Iterator[str]:
       yield line
       if remaining <= 0:
         return
+
+
+def _text_keys(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The features a tokenizer trains on: both languages of a translation data config (one
+  shared vocabulary), else `data_config.text_key`."""
+  if 'source_lang' in data_config:
+    return (data_config.source_lang, data_config.target_lang)
+  return (data_config.text_key,)
 
 
 def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os.PathLike,
@@ -182,7 +190,8 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os
 
 def train_or_load_tokenizer(data_config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   """The run's tokenizer: `data_config.tokenizer_path`, else WORKDIR/tokenizer.model, else a
-  new one trained on the train split of `data_config.dataset` and saved there."""
+  new one trained on the train split of `data_config.dataset` (both languages of a translation
+  config) and saved there."""
   if data_config.tokenizer_path:
     return load_tokenizer(data_config.tokenizer_path)
   path = Path(workdir) / TOKENIZER_FILENAME
@@ -202,6 +211,6 @@ def train_or_load_tokenizer(data_config: ml_collections.ConfigDict, workdir: str
                          'positive.')
   source = sources.data_source(data_config.dataset, data_config.train_split,
                                data_config.data_dir)
-  lines = _training_lines(source, data_config.text_key, data_config.tokenizer_max_chars)
+  lines = _training_lines(source, _text_keys(data_config), data_config.tokenizer_max_chars)
   corpus = f'split {data_config.train_split!r} of dataset {data_config.dataset!r}'
   return train_tokenizer(lines, data_config.vocab_size, path, corpus=corpus)
