@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import shutil
 import string
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 import sentencepiece as spm
 
+from trainbig_jax import files
 from trainbig_jax.data import sources
 
 TOKENIZER_FILENAME = 'tokenizer.model'
@@ -87,9 +87,7 @@ class Tokenizer:
     target = Path(directory) / TOKENIZER_FILENAME
     if target.resolve() != Path(self.path).resolve():
       target.parent.mkdir(parents=True, exist_ok=True)
-      tmp = target.with_name(target.name + '.tmp')
-      shutil.copyfile(self.path, tmp)
-      os.replace(tmp, target)
+      files.atomic_write(target, Path(self.path).read_bytes())
     return str(target)
 
   def __reduce__(self) -> tuple[Any, tuple[str]]:
@@ -182,9 +180,7 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os
                          f'{str(e).strip()}') from None
   output_path = Path(output_path)
   output_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = output_path.with_name(output_path.name + '.tmp')
-  tmp.write_bytes(model.getvalue())
-  os.replace(tmp, output_path)
+  files.atomic_write(output_path, model.getvalue())
   return load_tokenizer(output_path)
 
 
