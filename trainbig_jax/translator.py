@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from trainbig_jax import tasks
+from trainbig_jax.files import atomic_write
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
 from trainbig_jax.data import translation
 from trainbig_jax.data.tokenizer import load_tokenizer
@@ -98,8 +99,5 @@ def translate_file(checkpoint_path: str | os.PathLike, input_path: str,
       sys.stdout.flush()
   bar.close()
   if output_path not in (None, '-') and jax.process_index() == 0:
-    path = Path(output_path)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(''.join(f'{line}\n' for line in outputs), encoding='utf-8')
-    os.replace(tmp, path)
+    atomic_write(output_path, ''.join(f'{line}\n' for line in outputs))
   return len(outputs)

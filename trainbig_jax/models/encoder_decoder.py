@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainbig_jax.models.encoder import (ACT_EMBED, ACT_HEADS, BATCH, DTYPES, EMBED, HEADS,
-                                         LENGTH, POSITION, VOCAB, Mlp, _constrain, _dense,
-                                         _layer_norm)
+from trainbig_jax.models.axes import (ACT_EMBED, ACT_HEADS, BATCH, EMBED, HEADS, LENGTH,
+                                      POSITION, VOCAB)
+from trainbig_jax.models.encoder import DTYPES, Mlp, _constrain, _dense, _layer_norm
 
 POSITION_KINDS = ('sinusoidal', 'learned')
 
