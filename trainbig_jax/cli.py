@@ -4,6 +4,7 @@
   trainbig finetune  --config=configs/finetune.py:demo --init_checkpoint=RUN --workdir=DIR
   trainbig compress  --checkpoint=RUN --config=configs/compress.py:PRESET --out=DIR
   trainbig eval      --checkpoint=RUN_OR_COMPRESSED [--json]
+  trainbig translate --checkpoint=RUN_OR_COMPRESSED --input=FILE|- [--output=FILE]
   trainbig sweep     --config=configs/sweep.py:demo --workdir=DIR
   trainbig report    --sweep=DIR
   trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
@@ -33,11 +34,14 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
+_INPUT = flags.DEFINE_string('input', None, 'Text to translate, one sentence a line; - is stdin.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Where translations go (default: stdout).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
 
-COMMANDS = ('train', 'finetune', 'compress', 'eval', 'sweep', 'report', 'plan', 'demo')
+COMMANDS = ('train', 'finetune', 'compress', 'eval', 'translate', 'sweep', 'report', 'plan',
+            'demo')
 
 
 class UsageError(ValueError):
@@ -100,6 +104,12 @@ def _eval(command: str) -> None:
           f'{key:>18}: {value:,}' if isinstance(value, int) else f'{key:>18}: {value}')
 
 
+def _translate(command: str) -> None:
+  from trainbig_jax.translator import translate_file
+  translate_file(_need(_CHECKPOINT, 'checkpoint', command), _need(_INPUT, 'input', command),
+                 _OUTPUT.value)
+
+
 def _sweep(command: str) -> None:
   from trainbig_jax.experiments.sweep import run_sweep
   results = run_sweep(_need(_CONFIG, 'config', command), _need(_WORKDIR, 'workdir', command),
@@ -146,7 +156,8 @@ def _progress_line(message: str) -> None:
 
 
 HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval,
-            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo}
+            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo,
+            'translate': _translate}
 
 
 def _dispatch(argv: list[str]) -> None:

@@ -51,6 +51,7 @@ TASK_FIELD = 'task_kind'
 TASKS: dict[str, str] = {
     'mlm': 'trainbig_jax.tasks.mlm',
     'classify': 'trainbig_jax.tasks.classify',
+    'translate': 'trainbig_jax.tasks.translate',
 }
 
 
