@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trainbig_jax.compress import prune, quantize
-from trainbig_jax.data import classification, sources
+from trainbig_jax.data import checks, classification, sources
 from trainbig_jax.data.tokenizer import load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
 from trainbig_jax.train import checkpoint, distributed, loop
@@ -46,7 +46,7 @@ def pruning_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def check_finetune_config(config: ml_collections.ConfigDict) -> None:
-  classification.get_task(config.task)
+  classification.get_task(config.task, config.data_dir)
   if not (isinstance(config.max_len, int) and config.max_len >= 4):
     raise ConfigError(f'max_len={config.max_len!r} is invalid: it must be an integer >= 4.')
   p, q = config.compression.prune, config.compression.qat
@@ -113,7 +113,7 @@ def merge_pretrained(fresh: Any, pretrained: dict[str, Any], source: str) -> Any
 def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLike,
              workdir: str | os.PathLike) -> loop.Summary:
   check_finetune_config(config)
-  task = classification.get_task(config.task)
+  task = classification.get_task(config.task, config.data_dir)
   pre_config, tokenizer, pretrained = load_pretrained(init_checkpoint)
   config = ml_collections.ConfigDict(config.to_dict())
   with config.unlocked():
@@ -137,6 +137,9 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
     checkpoint.write_config(workdir, config)
     tokenizer.copy_to(str(workdir))
     sources.prepare(task.dataset, config.data_dir)
+  checks.check_classification_data(task, config.data_dir, tokenizer,
+                                   global_batch=config.train.batch_size,
+                                   process_count=jax.process_count())
 
   tx = make_optimizer(config.train)
   p, q = config.compression.prune, config.compression.qat
@@ -171,7 +174,7 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
 def classification_eval_batches(config: ml_collections.ConfigDict, tokenizer,
                                 split: str | None = None):
   """One pass over the task's (first) validation split, this process's share."""
-  task = classification.get_task(config.task)
+  task = classification.get_task(config.task, config.data_dir)
   return classification.classification_iterator(
       config.task, split or task.eval_splits[0], tokenizer=tokenizer, max_len=config.max_len,
       batch_size=config.train.batch_size // jax.process_count(), data_dir=config.data_dir,
