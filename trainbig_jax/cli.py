@@ -8,7 +8,7 @@
   trainbig report    --sweep=DIR
   trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
   trainbig demo      [--workdir=DIR]
-  trainbig prepare   --dataset=NAME [--data_dir=DIR]
+  trainbig prepare   --dataset=NAME [--dataset=NAME ...] [--data_dir=DIR]
 
 Errors a user can cause end in one line on stderr and exit status 2; set TRAINBIG_DEBUG=1
 for the full traceback.
@@ -34,7 +34,8 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
-_DATASET = flags.DEFINE_string('dataset', None, 'A TFDS name, files:GLOB or parallel:... dataset.')
+_DATASET = flags.DEFINE_multi_string('dataset', None, 'A TFDS name, files:GLOB or parallel:... '
+                                     'dataset; repeat the flag for several.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data folder (default: $TRAINBIG_DATA_DIR '
                                 'or ~/.cache/trainbig_jax/tfds).')
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -144,10 +145,11 @@ def _demo(command: str) -> None:
 
 def _prepare(command: str) -> None:
   from trainbig_jax.data import sources
-  name = _need(_DATASET, 'dataset', command)
-  builder = sources.download_and_prepare(name, _DATA_DIR.value)
-  splits = ', '.join(f'{s} {info.num_examples:,}' for s, info in sorted(builder.info.splits.items()))
-  print(f'prepare: {name} is ready in {builder.data_dir} ({splits} examples)')
+  names = _need(_DATASET, 'dataset', command)
+  for name, builder in zip(names, sources.download_and_prepare(names, _DATA_DIR.value)):
+    splits = ', '.join(f'{s} {info.num_examples:,}'
+                       for s, info in sorted(builder.info.splits.items()))
+    print(f'prepare: {name} ready in {builder.data_dir} ({splits} examples)')
 
 
 def _progress_line(message: str) -> None:

@@ -21,7 +21,7 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -156,11 +156,13 @@ def _prepare_lock(data_dir: str, key: str) -> Iterator[None]:
 def _open_local(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Builder of an embedded corpus or the user's files, prepared if needed (no network)."""
   if user_files.is_user_files_name(name):
-    with _prepare_lock(data_dir, user_files.BUILDER_NAME):
-      builder = user_files.builder(name, data_dir)
-      if not builder.is_prepared():
-        builder.download_and_prepare(file_format='array_record')
+    builder = user_files.builder(name, data_dir)
+    if not builder.is_prepared():  # (a prepared folder may be read-only: lock only to write)
+      with _prepare_lock(data_dir, user_files.BUILDER_NAME):
         builder = user_files.builder(name, data_dir)
+        if not builder.is_prepared():
+          builder.download_and_prepare(file_format='array_record')
+          builder = user_files.builder(name, data_dir)
     return builder
   base = name.split('/')[0].split(':')[0]
   builder = _embedded_builder(base, data_dir)
@@ -194,26 +196,36 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def download_and_prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """`trainbig prepare`: downloads (TFDS datasets) and writes `name` as array_record.
+def download_and_prepare(names: Sequence[str], data_dir: str | None = None
+                         ) -> list[tfds.core.DatasetBuilder]:
+  """`trainbig prepare`: downloads (TFDS datasets) and writes each of `names` as array_record.
 
-  Missing packages are reported before anything is downloaded. Interrupted runs resume from
-  the downloads already finished (TFDS keeps them in DATA_DIR/downloads); the array_record
-  files of a split are written to a temporary folder and moved into place when complete.
+  Every name is resolved and every missing package reported before anything is downloaded.
+  Interrupted runs resume from the downloads already finished (TFDS keeps them in
+  DATA_DIR/downloads); a split's array_record files are written to a temporary folder and
+  moved into place when complete, so a reader never sees half a dataset.
   """
   data_dir = data_dir or default_data_dir()
-  if _is_local(name):
-    return _open_local(name, data_dir)
-  builder = tfds_builder(name, data_dir)
-  if builder.is_prepared():
-    return builder
-  check_prepare_requirements(name, builder)
+  pending = {}
+  for name in names:
+    if not _is_local(name):
+      builder = tfds_builder(name, data_dir)
+      if not builder.is_prepared():
+        check_prepare_requirements(name, builder)
+        pending[name] = builder
   tfds.display_progress_bar(True)
-  with _prepare_lock(data_dir, name):
-    builder = tfds_builder(name, data_dir)
-    if not builder.is_prepared():
-      builder.download_and_prepare(file_format='array_record')
-  return builder
+  prepared = []
+  for name in names:
+    if _is_local(name):
+      prepared.append(_open_local(name, data_dir))
+      continue
+    if name in pending:
+      with _prepare_lock(data_dir, name):
+        builder = tfds_builder(name, data_dir)
+        if not builder.is_prepared():
+          builder.download_and_prepare(file_format='array_record')
+    prepared.append(tfds_builder(name, data_dir))
+  return prepared
 
 
 def split_names(split: str) -> list[str]:
