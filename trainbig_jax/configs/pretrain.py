@@ -11,9 +11,10 @@ Presets:
   roberta_base, roberta_large.
 The paper-scale presets (depth*, width*, roberta_*) read English Wikipedia (PAPER_CORPUS; prepare it
 once with `trainbig prepare --dataset=wikipedia/20230601.en`), holding out its first
-PAPER_EVAL_ARTICLES articles for evaluation. TFDS has no BookCorpus; add books or use your own
-text with --config.data.dataset='files:/path/to/*.txt' (and --config.data.train_split=train
---config.data.eval_split=validation).
+PAPER_EVAL_ARTICLES articles for evaluation. TFDS has no BookCorpus and a run reads one
+dataset: for Wikipedia plus books, or any text of your own, use
+--config.data.dataset='files:/path/to/*.txt' --config.data.train_split=train
+--config.data.eval_split=validation.
 """
 
 import ml_collections
