@@ -330,3 +330,19 @@ def test_processes_read_disjoint_shares_of_a_prepared_folder(data_dir, tokenizer
     seen.append(rows)
   assert sum(map(len, seen)) == 37
   assert len(set().union(*map(set, seen))) == 37  # disjoint, and together the whole split
+
+
+def test_tfds_mock_data_feeds_the_pipeline(data_dir, tokenizer):
+  """tfds.testing.mock_data mocks data sources in tfds 4.9.10, but with its default policy a
+  builder stays unprepared; given the metadata of a prepared copy (USE_FILES) the pipeline
+  reads TFDS's mock examples through the real split names."""
+  import tensorflow_datasets as tfds
+  prepare_copy('wikipedia/20230601.en', data_dir, {'train': 3})
+  c = pretrain_configs.get_config('tiny')
+  c.data.dataset, c.data.data_dir, c.data.seq_len = 'wikipedia/20230601.en', data_dir, 16
+  c.train.batch_size = 4
+  with tfds.testing.mock_data(num_examples=50, policy=tfds.testing.MockPolicy.USE_FILES,
+                              data_dir=data_dir):
+    assert len(sources.data_source('wikipedia/20230601.en', 'train', data_dir)) == 50
+    batch = next(mlm.pretrain_train_iterator(c, tokenizer))
+  assert batch['inputs'].shape == (4, 16) and batch['weights'].sum() > 0
