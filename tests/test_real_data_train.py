@@ -37,8 +37,8 @@ PREPARE, TRAIN_WIKI, FINETUNE_MNLI, TRAIN_FILES, FINETUNE_FILES = (
     '--config.data.data_dir=/shared/tfds --workdir=runs/wiki',
     'trainbig finetune --config=configs/finetune.py:mnli --config.max_len=64 '
     '--config.data_dir=/shared/tfds --init_checkpoint=runs/wiki --workdir=runs/mnli',
-    "trainbig train --config=configs/pretrain.py:demo --config.data.dataset='files:/some/dir/*.txt' "
-    '--workdir=runs/mine',
+    'trainbig train --config=configs/pretrain.py:demo '
+    "--config.data.dataset='files:/some/dir/*.txt' --workdir=runs/mine",
     "trainbig finetune --config=configs/finetune.py:demo "
     "--config.task='files:/some/dir/labelled.jsonl' --init_checkpoint=runs/mine "
     '--workdir=runs/mine_ft',

@@ -1,11 +1,12 @@
 """Small prepared copies of public TFDS datasets, written by their real builders.
 
 Offline tests cannot download GLUE, Wikipedia or WMT14. `tfds.testing.mock_data` (tfds
-4.9.10) mocks `as_data_source` inside one process only, accepts any split name and leaves the
-builder unprepared, so it can neither serve the CLI in a subprocess nor show a missing split. Instead, the real builder
-class (its name, config, version, features and split names) writes array_record files into a
-test data folder, with only its download-and-parse step (`_split_generators`) replaced by
-the given examples, or by TFDS's own mock-example generator. Readers then open the folder
+4.9.10) mocks `as_data_source` inside one process only, and with its default policy accepts
+any split name and leaves the builder unprepared, so it can neither serve the CLI in a
+subprocess nor show a missing split. Instead, the real builder class (its name, config,
+version, features and split names) writes array_record files into a test data folder, with
+only its download-and-parse step (`_split_generators`) replaced by the given examples, or by
+TFDS's own mock-example generator. Readers then open the folder
 exactly as they open a real prepared dataset.
 """
 

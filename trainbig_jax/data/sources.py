@@ -48,6 +48,9 @@ EXTRA_OF_MODULE = {
 }
 # Names in `tfds.core.lazy_imports` that differ from the module they import.
 _LAZY_IMPORT_MODULES = {'PIL_Image': 'PIL', 'gcsfs_store': 'gcsfs', 'envlogger': 'envlogger'}
+# Modules whose PyPI package has another name.
+_PIP_NAMES = {'PIL': 'pillow', 'cv2': 'opencv-python', 'bs4': 'beautifulsoup4',
+              'skimage': 'scikit-image', 'sklearn': 'scikit-learn'}
 
 
 class DatasetError(ValueError):
@@ -131,14 +134,15 @@ def check_prepare_requirements(name: str, builder: tfds.core.DatasetBuilder) -> 
   if not missing:
     return
   extras = {EXTRA_OF_MODULE[m] for m in missing if m in EXTRA_OF_MODULE}
-  others = [m for m in missing if m not in EXTRA_OF_MODULE]
-  # One extra when it covers the need; 'prepare' holds every extra's packages.
-  how = f"pip install 'trainbig_jax[{extras.pop() if len(extras) == 1 else 'prepare'}]'"
-  if not extras and not any(m in EXTRA_OF_MODULE for m in missing):
-    how = ''
-  how = ' '.join(filter(None, [how, f'&& pip install {" ".join(others)}' if others else '']))
+  others = [_PIP_NAMES.get(m, m) for m in missing if m not in EXTRA_OF_MODULE]
+  commands = []
+  if extras:  # one extra when it covers the need; 'prepare' holds every extra's packages
+    extra = extras.pop() if len(extras) == 1 else 'prepare'
+    commands.append(f"pip install 'trainbig_jax[{extra}]'")
+  if others:
+    commands.append(f'pip install {" ".join(others)}')
   raise MissingExtraError(f'Preparing {name!r} needs {", ".join(missing)}, not installed; '
-                          f'install with: {how.removeprefix("&& ")}.')
+                          f'install with: {" && ".join(commands)}.')
 
 
 @contextlib.contextmanager
