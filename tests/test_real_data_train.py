@@ -23,7 +23,7 @@ from tests.tfds_fixtures import prepare_copy, sentences
 from trainbig_jax.configs import finetune as finetune_configs
 from trainbig_jax.data import checks
 from trainbig_jax.data.sotu import speeches_dir
-from trainbig_jax.train.finetune import finetune
+from trainbig_jax.tasks.classify import finetune
 from trainbig_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ from trainbig_jax.data import user_files
 EMBEDDED_BUILDERS = {
     'trainbig_sotu': 'trainbig_jax.data.sotu:SotuCorpus',
     'trainbig_rotten_tomatoes': 'trainbig_jax.data.rotten_tomatoes:RottenTomatoes',
+    'trainbig_libreoffice_enfr': 'trainbig_jax.data.libreoffice_help:LibreOfficeHelpEnFr',
 }
 
 # TFDS registers a builder when its module is imported; the TensorFlow-free install imports
