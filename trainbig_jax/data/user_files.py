@@ -171,6 +171,8 @@ def _read_text(path: str) -> Iterator[dict[str, Any]]:
 
 
 def _read_json(path: str) -> Iterator[dict[str, Any]]:
+  # Streamed, and strict on every line: unlike files.read_jsonl (run logs, whose torn last
+  # line is dropped), a corpus may be large and a bad last line is the user's data.
   with open(path, encoding='utf-8') as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
