@@ -9,6 +9,7 @@
   trainbig report    --sweep=DIR
   trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
   trainbig demo      [--workdir=DIR]
+  trainbig prepare   --dataset=NAME [--dataset=NAME ...] [--data_dir=DIR]
 
 Errors a user can cause end in one line on stderr and exit status 2; set TRAINBIG_DEBUG=1
 for the full traceback.
@@ -36,12 +37,16 @@ _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in s
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
 _INPUT = flags.DEFINE_string('input', None, 'Text to translate, one sentence a line; - is stdin.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where translations go (default: stdout).')
+_DATASET = flags.DEFINE_multi_string('dataset', None, 'A TFDS name, files:GLOB or parallel:... '
+                                     'dataset; repeat the flag for several.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data folder (default: $TRAINBIG_DATA_DIR '
+                                'or ~/.cache/trainbig_jax/tfds).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
 
 COMMANDS = ('train', 'finetune', 'compress', 'eval', 'translate', 'sweep', 'report', 'plan',
-            'demo')
+            'demo', 'prepare')
 
 
 class UsageError(ValueError):
@@ -151,13 +156,22 @@ def _demo(command: str) -> None:
   print(f'demo: report in {report}')
 
 
+def _prepare(command: str) -> None:
+  from trainbig_jax.data import sources
+  names = _need(_DATASET, 'dataset', command)
+  for name, builder in zip(names, sources.download_and_prepare(names, _DATA_DIR.value)):
+    splits = ', '.join(f'{s} {info.num_examples:,}'
+                       for s, info in sorted(builder.info.splits.items()))
+    print(f'prepare: {name} ready in {builder.data_dir} ({splits} examples)')
+
+
 def _progress_line(message: str) -> None:
   print(message, flush=True)
 
 
 HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval,
             'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo,
-            'translate': _translate}
+            'translate': _translate, 'prepare': _prepare}
 
 
 def _dispatch(argv: list[str]) -> None:

@@ -10,7 +10,9 @@ Presets:
   demo               the embedded sentiment set (rotten_tomatoes); minutes on 2 CPU cores.
   demo_prune50       demo with gradual magnitude pruning to 50% during fine-tuning.
   demo_qat4          demo with 4-bit quantization-aware fine-tuning.
-  sst2, mnli         GLUE through TFDS (prepare them once as array_record).
+  sst2, mnli         GLUE through TFDS (prepare once: trainbig prepare --dataset=glue/sst2
+                     --dataset=glue/mnli); MNLI needs validation_matched and _mismatched.
+Your own labelled files: --config.task='files:/path/*.csv' (see data/classification.get_task).
 """
 
 import ml_collections
@@ -24,7 +26,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c.preset = preset
   c.task_kind = 'classify'  # trainbig_jax.tasks registry name
   c.seed = 0
-  c.task = 'rotten_tomatoes'  # see trainbig_jax.data.classification.TASKS
+  c.task = 'rotten_tomatoes'  # see trainbig_jax.data.classification.TASKS, or 'files:GLOB'
   c.max_len = 64  # tokens per example, <s> and </s> included
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.model = ml_collections.ConfigDict({'dropout': 0.1, 'attention_dropout': 0.1})

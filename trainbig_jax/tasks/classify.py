@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from trainbig_jax.compress import prune, quantize
-from trainbig_jax.data import classification, sources
+from trainbig_jax.data import checks, classification, sources
 from trainbig_jax.data.tokenizer import Tokenizer, load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
 from trainbig_jax.models.layout import path_str
@@ -55,7 +55,7 @@ def pruning_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  classification.get_task(config.task)
+  classification.get_task(config.task, config.data_dir)
   if not (isinstance(config.max_len, int) and config.max_len >= 4):
     raise ConfigError(f'max_len={config.max_len!r} is invalid: it must be an integer >= 4.')
   p, q = config.compression.prune, config.compression.qat
@@ -118,7 +118,7 @@ class _Passes:
 def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  split: str | None = None) -> Iterable[Batch]:
   """Passes over the dataset's (first) validation split, this process's share."""
-  spec = classification.get_task(config.task)
+  spec = classification.get_task(config.task, config.data_dir)
   return _Passes(lambda: classification.classification_iterator(
       config.task, split or spec.eval_splits[0], tokenizer=tokenizer, max_len=config.max_len,
       batch_size=config.train.batch_size // jax.process_count(), data_dir=config.data_dir,
@@ -178,7 +178,7 @@ def merge_pretrained(fresh: Any, pretrained: dict[str, Any], source: str) -> Any
 def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLike,
              workdir: str | os.PathLike) -> loop.Summary:
   check_config(config)
-  spec = classification.get_task(config.task)
+  spec = classification.get_task(config.task, config.data_dir)
   pre_config, tokenizer, pretrained = load_pretrained(init_checkpoint)
   config = ml_collections.ConfigDict(config.to_dict())
   with config.unlocked():
@@ -202,6 +202,9 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
     checkpoint.write_config(workdir, config)
     tokenizer.copy_to(str(workdir))
     sources.prepare(spec.dataset, config.data_dir)
+  checks.check_classification_data(spec, config.data_dir, tokenizer,
+                                   global_batch=config.train.batch_size,
+                                   process_count=jax.process_count())
 
   tx = make_optimizer(config.train)
   p, q = config.compression.prune, config.compression.qat

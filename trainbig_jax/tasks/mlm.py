@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from trainbig_jax.data import mlm, sources
+from trainbig_jax.data import checks, mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
 from trainbig_jax.train import checkpoint, distributed, loop
@@ -134,6 +134,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
     sources.prepare(config.data.dataset, config.data.data_dir)
     tokenizer = train_or_load_tokenizer(config.data, str(workdir))
     tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
+  checks.check_pretrain_data(config, tokenizer, process_count=jax.process_count())
   model = build_model(config, tokenizer)
   index, count = jax.process_index(), jax.process_count()
   batches = eval_batches(config, tokenizer)
