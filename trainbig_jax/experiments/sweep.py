@@ -30,6 +30,7 @@ from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import RESULTS_FILE, load_results
 from trainbig_jax.train.finetune import finetune
+from trainbig_jax.train import runlock
 from trainbig_jax.train.pretrain import pretrain
 
 SWEEP_FILE = 'sweep.json'
@@ -138,12 +139,18 @@ def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
-  with open(workdir / RESULTS_FILE, 'a') as f:
+  path = workdir / RESULTS_FILE
+  if path.exists():  # a sweep killed mid-append left a partial last line: cut it off first
+    text = path.read_bytes()
+    if text and not text.endswith(b'\n'):
+      os.truncate(path, text.rfind(b'\n') + 1)
+  with open(path, 'a') as f:
     f.write(json.dumps(row) + '\n')
     f.flush()
     os.fsync(f.fileno())
 
 
+@runlock.holds_run_folder(lambda sweep, workdir, *args, **kwargs: workdir)
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
               progress: Callable[[str], None] = print) -> Path:
   """Runs (or resumes) the sweep in `workdir`; returns the results file."""

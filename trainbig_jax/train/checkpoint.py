@@ -91,17 +91,17 @@ def restore(mngr: ocp.CheckpointManager, target_state: Any, step: int | None = N
     except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # whatever the damage, fall back
-      _ignore_abandoned_reads()
+      ignore_abandoned_reads()
       damaged = Path(mngr.directory) / str(latest)
       aside = _set_aside(damaged)
-      reason = _short_reason(e)
+      reason = failure_gist(e)
       logging.warning('Checkpoint %s does not restore (%s): moved to %s; resuming from the '
                       'previous checkpoint.', damaged, reason, aside)
       mngr.reload()
   return None
 
 
-def _short_reason(e: BaseException) -> str:
+def failure_gist(e: BaseException) -> str:
   """The gist of a restore failure: TensorStore's status line, else the first 200 characters."""
   text = ' '.join(str(e).split())
   status = re.search(r'\b(DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|OUT_OF_RANGE'
@@ -109,7 +109,7 @@ def _short_reason(e: BaseException) -> str:
   return (status.group(0).strip() if status else text[:200]) or type(e).__name__
 
 
-def _ignore_abandoned_reads() -> None:
+def ignore_abandoned_reads() -> None:
   """Silences the 'Event loop is closed' tracebacks that follow a failed Orbax restore.
 
   Orbax runs a restore's reads in an event loop that it closes as soon as one read fails;
@@ -223,8 +223,8 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
   try:
     return _restore_params(state_dir)
   except Exception as e:  # pylint: disable=broad-except  # a damaged file, whichever
-    _ignore_abandoned_reads()
-    raise CheckpointError(f'{state_dir} is damaged and cannot be read ({_short_reason(e)}); '
+    ignore_abandoned_reads()
+    raise CheckpointError(f'{state_dir} is damaged and cannot be read ({failure_gist(e)}); '
                           f'restore it from a copy or remove that step folder.') from None
   finally:
     logging.set_verbosity(verbosity)

@@ -179,6 +179,7 @@ def run(job: Job) -> Summary:
     row = {'step': int(state.step), 'wall_time_s': progress['wall_time_s'], **metrics}
     writer.write(row)
     metrics = {**metrics, 'step': row['step']}
+    progress['last_eval'] = metrics  # saved with the next checkpoint
     logging.info('step %d  wall %.1fs  eval_loss %.4f  eval_accuracy %.4f', row['step'],
                  row['wall_time_s'], metrics['eval_loss'], metrics['eval_accuracy'])
     if job.on_eval is not None:
@@ -188,7 +189,9 @@ def run(job: Job) -> Summary:
   def save(state):
     checkpoint.save(mngr, int(state.step), state, job.train_iterator.get_state(), progress)
 
-  last_eval = None
+  # The evaluation saved with the restored checkpoint: when it is of that very step (a run
+  # killed after its last save), a rerun neither repeats it nor logs that step twice.
+  last_eval = progress.get('last_eval')
   stopped_by = 'steps'
   # Evaluations by training-clock time as well as by steps: a learning curve over wall-clock
   # gets evenly spaced points whatever the model's speed.
