@@ -125,13 +125,16 @@ def _complete_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
 
 
-def _saving(workdir: Path) -> bool:
-  """An Orbax save in progress: a temporary step folder exists."""
-  root = workdir / 'checkpoints'
+def _temporary_folders(workdir: Path) -> set[str]:
   try:
-    return any('tmp' in p.name for p in root.iterdir())
+    return {p.name for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name}
   except FileNotFoundError:
-    return False
+    return set()
+
+
+def _saving(workdir: Path, leftover: set[str]) -> bool:
+  """An Orbax save in progress: a temporary step folder exists (not one left by a kill)."""
+  return bool(_temporary_folders(workdir) - leftover)
 
 
 def _read_state(step_dir: Path) -> dict[str, Any]:
@@ -188,6 +191,7 @@ def _kill_training(args: list[str], workdir: Path, aim: str, eval_every: int,
   """
   start = time.perf_counter()
   before = len(_metrics(workdir))
+  leftover = _temporary_folders(workdir)  # a killed save's folder, until Orbax removes it
   proc = _start(args, log)
   training = lambda: len(_metrics(workdir)) > before
   if aim == 'random' and rng.random() < 0.25:  # a moment of the start-up
@@ -196,7 +200,7 @@ def _kill_training(args: list[str], workdir: Path, aim: str, eval_every: int,
     hit = (_wait_for(proc, training, 600) and
            not _wait_for(proc, lambda: False, rng.uniform(0.0, 1.5)) and proc.poll() is None)
   elif aim == 'save':
-    hit = _wait_for(proc, lambda: _saving(workdir), 600)
+    hit = _wait_for(proc, lambda: _saving(workdir, leftover), 600)
   else:  # eval: the train line of an evaluation step is logged, its eval line not yet
     def evaluating():
       rows = _metrics(workdir)[before:]
@@ -207,7 +211,7 @@ def _kill_training(args: list[str], workdir: Path, aim: str, eval_every: int,
     if proc.returncode != 0:
       raise RuntimeError(f'trainbig {" ".join(args)} failed (exit {proc.returncode}); see {log}')
     return None
-  in_save = _saving(workdir)
+  in_save = _saving(workdir, leftover)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   after = time.perf_counter() - start

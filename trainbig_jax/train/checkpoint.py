@@ -40,6 +40,10 @@ class CheckpointError(ValueError):
   """A checkpoint named by the user is missing, incomplete or incompatible."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (no space left, no permission, ...)."""
+
+
 def data_state_filename() -> str:
   """The file of this process's data-iterator state inside a step's 'data' item.
 
@@ -69,11 +73,24 @@ def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
          progress: dict[str, Any]) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state),
-      progress=ocp.args.JsonSave(progress)), force=True)
-  mngr.wait_until_finished()
+  previous = mngr.latest_step()
+  # A failed save is reported below in one line; Orbax would also log it with its traceback.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        progress=ocp.args.JsonSave(progress)), force=True)
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # disk full, permissions, ...
+    kept = (f'checkpoint step {previous} is intact' if previous is not None
+            else 'no earlier checkpoint exists')
+    raise CheckpointSaveError(
+        f'Saving checkpoint step {step} in {mngr.directory} failed ({failure_gist(e)}); '
+        f'{kept}: free space or fix permissions, then rerun to resume.') from None
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def restore(mngr: ocp.CheckpointManager, target_state: Any, step: int | None = None):
@@ -104,6 +121,10 @@ def restore(mngr: ocp.CheckpointManager, target_state: Any, step: int | None = N
 def failure_gist(e: BaseException) -> str:
   """The gist of a restore failure: TensorStore's status line, else the first 200 characters."""
   text = ' '.join(str(e).split())
+  system = re.search(r'File too large|No space left on device|Permission denied|'
+                     r'Read-only file system|Disk quota exceeded', text)
+  if system:
+    return system.group(0)
   status = re.search(r'\b(DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|OUT_OF_RANGE'
                      r'|INTERNAL|UNKNOWN): [^\[{]{0,160}', text)
   return (status.group(0).strip() if status else text[:200]) or type(e).__name__
@@ -118,16 +139,20 @@ def ignore_abandoned_reads() -> None:
   (their results are no longer wanted), so that one error is dropped; every other one still
   reaches the previous hook.
   """
-  previous = sys.excepthook
-  if getattr(previous, 'ignores_abandoned_reads', False):
+  if getattr(sys.excepthook, 'ignores_abandoned_reads', False):
     return
+  abandoned = lambda exc: isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
 
-  def hook(exc_type, exc, tb):
-    if exc_type is RuntimeError and str(exc) == 'Event loop is closed':
-      return
-    previous(exc_type, exc, tb)
-  hook.ignores_abandoned_reads = True
-  sys.excepthook = hook
+  def excepthook(exc_type, exc, tb):
+    if not abandoned(exc):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not abandoned(unraisable.exc_value):
+      previous_unraisablehook(unraisable)
+  excepthook.ignores_abandoned_reads = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def _set_aside(step_dir: Path) -> Path:

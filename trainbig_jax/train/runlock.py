@@ -44,6 +44,7 @@ def hold(folder: str | os.PathLike) -> Iterator[None]:
   """Holds the writer lock of `folder` (created if needed) for the duration of the block."""
   folder = Path(folder)
   check_folder_path(folder)
+  created = not folder.exists()
   folder.mkdir(parents=True, exist_ok=True)
   fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -61,6 +62,10 @@ def hold(folder: str | os.PathLike) -> Iterator[None]:
     yield
   finally:
     os.ftruncate(fd, 0)
+    # A command that failed before writing anything leaves no folder behind (nor its lock).
+    if created and os.listdir(folder) == [LOCK_FILE]:
+      os.unlink(folder / LOCK_FILE)
+      os.rmdir(folder)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
