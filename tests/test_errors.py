@@ -18,8 +18,8 @@ from trainbig_jax.configs import sweep as sweep_configs
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.sweep import run_sweep
 from trainbig_jax.train import runlock
-from trainbig_jax.train.finetune import finetune
-from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.tasks.classify import finetune
+from trainbig_jax.tasks.mlm import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 

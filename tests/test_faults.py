@@ -21,9 +21,9 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.configs import sweep as sweep_configs
 from trainbig_jax.experiments import sweep
 from trainbig_jax.train import checkpoint, loop, runlock
-from trainbig_jax.train.finetune import finetune
+from trainbig_jax.tasks.classify import finetune
 from trainbig_jax.train.metrics import read_metrics
-from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.tasks.mlm import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
