@@ -382,11 +382,12 @@ def compress_scenario(root: Path, kills: int, rng: random.Random) -> Outcome:
 
 
 def _sweep_args(workdir: Path) -> list[str]:
-  # Pretraining stops by steps (a huge time budget), so results do not depend on speed.
+  # Pretraining and fine-tuning stop by steps (no time budget), so results do not depend on
+  # the machine's speed.
   return ['sweep', '--config=configs/sweep.py:tiny', f'--workdir={workdir}',
           '--config.sizes=((1, 32),)', '--config.sparsities=(0.5,)', '--config.bits=(8,)',
           '--config.prune_quantize=((0.5, 4),)', '--config.pretrain_budget_s=100000',
-          '--config.pretrain_total_steps=20']
+          '--config.pretrain_total_steps=20', '--config.finetune_overrides.train.budget_s=0.0']
 
 
 def sweep_scenario(root: Path, kills: int, rng: random.Random) -> Outcome:
