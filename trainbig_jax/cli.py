@@ -180,6 +180,9 @@ def _dispatch(argv: list[str]) -> None:
     raise UsageError(f'Unknown command {given!r}; allowed: {", ".join(COMMANDS)}.')
   if len(argv) > 2:
     raise UsageError(f'Unexpected arguments {argv[2:]}; options are given as --name=value.')
+  if _WORKDIR.value is not None:
+    from trainbig_jax.train.runlock import check_folder_path
+    check_folder_path(_WORKDIR.value)
   HANDLERS[argv[1]](argv[1])
 
 
@@ -196,7 +199,7 @@ def _main(argv: list[str]) -> None:
     # Before any other JAX call: the runtime's device list is fixed by the first one.
     distributed.initialize(auto_detect=_DISTRIBUTED.value)
     _dispatch(argv)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (ValueError, OSError, KeyError) as e:  # OSError: a missing, unwritable or full path
     if os.environ.get('TRAINBIG_DEBUG'):
       raise
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -212,15 +215,24 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if _CONFIG.present:
       _CONFIG.value.keys()  # config_flags defers a load failure until first use
     return remaining
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
-    print(f'trainbig: error: --config: {_config_error_message(e)}', file=sys.stderr)
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, SyntaxError) as e:
+    given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    path = given[-1].split(':')[0] if given else 'the config file'
+    print(f'trainbig: error: --config: {_config_error_message(e, path)}', file=sys.stderr)
     sys.exit(2)
 
 
-def _config_error_message(e: BaseException) -> str:
+def _config_error_message(e: BaseException, config_path: str = 'the config file') -> str:
   chain = [e]
   while (chain[-1].__cause__ or chain[-1].__context__) is not None:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  syntax = next((c for c in chain if isinstance(c, SyntaxError)), None)
+  if syntax is not None:  # not a Python file at all (YAML, JSON, binary, ...)
+    where = f' at line {syntax.lineno}' if syntax.lineno else ''
+    return (f'{syntax.filename or config_path} is not a Python config file: {syntax.msg}'
+            f'{where}; give a .py file with get_config(preset).')
+  if isinstance(chain[0], AttributeError) and 'get_config' in str(chain[0]):
+    return f'{config_path} has no get_config(preset) function.'
   if isinstance(chain[0], (AttributeError, KeyError)):  # an override naming no field
     text = str(chain[0]).encode().decode('unicode_escape').replace("'", '')
     return 'no such field: ' + ' '.join(l.strip() for l in text.splitlines() if l.strip())

@@ -393,6 +393,15 @@ def _lowest_scores(scores: np.ndarray, num_pruned: int) -> np.ndarray:
   return pruned
 
 
+def _check_keeps_one(fraction: float, units: int, what: str, block: str) -> None:
+  """Structured pruning must leave a block at least one unit: none left would cut it out."""
+  if round(fraction * units) >= units:
+    below = (units - 0.5) / units
+    raise ValueError(f'Pruning {fraction:g} of the {units} {what} of {block} would remove '
+                     f'all of them; use a sparsity below {below:g} (at most {units - 1} of '
+                     f'{units} removed).')
+
+
 def head_masks(params: PyTree, num_heads: int, fraction: float, *,
                include: str | Iterable[str] = (r'.',), exclude: str | Iterable[str] = (),
                names: tuple[str, str, str, str] = ('query', 'key', 'value', 'out')) -> PyTree:
@@ -422,6 +431,7 @@ def head_masks(params: PyTree, num_heads: int, fraction: float, *,
                   for k in heads_in.values())
     squared += np.square(out_kernel.reshape(num_heads, -1, out_kernel.shape[-1]),
                          dtype=np.float64).sum((1, 2))
+    _check_keeps_one(fraction, num_heads, 'heads', f'{block} (attention)')
     keep_head = ~_lowest_scores(np.sqrt(squared), round(fraction * num_heads))
     for name, kernel in heads_in.items():
       per_head = kernel.reshape(kernel.shape[0], num_heads, -1)
@@ -459,6 +469,7 @@ def neuron_masks(params: PyTree, fraction: float, *,
       raise ValueError(f'{block}: expected wi [D, F] and wo [F, D] kernels, got {wi.shape} and '
                        f'{wo.shape}.')
     squared = np.square(wi, dtype=np.float64).sum(0) + np.square(wo, dtype=np.float64).sum(1)
+    _check_keeps_one(fraction, wi.shape[1], 'neurons', f'{block} (MLP)')
     keep = ~_lowest_scores(np.sqrt(squared), round(fraction * wi.shape[1]))
     masks[f'{block}/{wi_name}/kernel'] = jnp.asarray(np.broadcast_to(keep[None, :], wi.shape))
     masks[f'{block}/{wo_name}/kernel'] = jnp.asarray(np.broadcast_to(keep[:, None], wo.shape))

@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_s = 0.0  # also evaluate every this many seconds of training (0: off)
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
+  # Non-finite steps (loss, gradient norm or update) skipped in a row before the run stops;
+  # 0 stops at the first. A skipped step keeps the parameters and moves on to the next batch.
+  c.train.max_nonfinite_skips = 0
 
   c.mesh = ml_collections.ConfigDict()
   # Sizes of the ('data', 'fsdp', 'tensor') mesh axes; -1 takes the remaining devices.

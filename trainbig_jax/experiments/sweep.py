@@ -37,7 +37,7 @@ from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import RESULTS_FILE, load_results
 from trainbig_jax.tasks.classify import finetune
 from trainbig_jax.tasks.mlm import pretrain
-from trainbig_jax.train import distributed
+from trainbig_jax.train import distributed, runlock
 
 SWEEP_FILE = 'sweep.json'
 SUMMARY_FILE = 'summary.json'
@@ -144,12 +144,18 @@ def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
   if jax.process_index() != 0:  # every process evaluated the cell; one row records it
     return
-  with open(workdir / RESULTS_FILE, 'a') as f:
+  path = workdir / RESULTS_FILE
+  if path.exists():  # a sweep killed mid-append left a partial last line: cut it off first
+    text = path.read_bytes()
+    if text and not text.endswith(b'\n'):
+      os.truncate(path, text.rfind(b'\n') + 1)
+  with open(path, 'a') as f:
     f.write(json.dumps(row) + '\n')
     f.flush()
     os.fsync(f.fileno())
 
 
+@runlock.holds_run_folder(lambda sweep, workdir, *args, **kwargs: workdir)
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
               progress: Callable[[str], None] = print) -> Path:
   """Runs (or resumes) the sweep in `workdir`; returns the results file."""

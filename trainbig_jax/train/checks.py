@@ -26,6 +26,9 @@ def check_train_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
   require(t.budget_s >= 0, f'train.budget_s={t.budget_s!r} is invalid: seconds >= 0 (0: none).')
   require(t.learning_rate > 0, f'train.learning_rate={t.learning_rate!r} must be > 0.')
   require(t.warmup_steps >= 0, f'train.warmup_steps={t.warmup_steps!r} must be >= 0.')
+  skips = t.get('max_nonfinite_skips', 0)
+  require(isinstance(skips, int) and skips >= 0,
+          f'train.max_nonfinite_skips={skips!r} must be an integer >= 0.')
   mesh_shape = partitioning.resolve_mesh_shape(c.mesh.shape, num_devices)
   batch_shards = mesh_shape[0] * mesh_shape[1]
   micro = t.batch_size // t.grad_accum_steps

@@ -5,6 +5,10 @@ comes first (the paper compares model sizes at equal wall-clock). The clock coun
 training steps (data loading included): compilation, evaluation and checkpointing are
 excluded. SIGTERM (a preempted job) saves a checkpoint and returns cleanly; a rerun with the
 same workdir resumes at the same step and data position.
+
+A step with a non-finite loss, gradient norm or update is never applied (see steps.py): the run
+stops there naming the step, keeping its last checkpoint, or with `train.max_nonfinite_skips`
+= K it skips such steps, counting them, and stops at the (K+1)-th in a row.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainbig_jax.train import checkpoint, distributed, partitioning
+from trainbig_jax.train import checkpoint, distributed, partitioning, runlock
 from trainbig_jax.train.metrics import MetricWriter
 from trainbig_jax.train.state import (TrainState, abstract_state, create_sharded_state,
                                       learning_rate_schedule)
@@ -61,6 +65,27 @@ class Summary:
   eval_accuracy: float | None
   stopped_by: str  # 'steps' | 'budget' | 'signal'
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last evaluation
+
+
+class NonFiniteError(ValueError):
+  """Training produced a non-finite loss, gradient norm or parameter update."""
+
+
+def _count_nonfinite(step: int, metrics: dict[str, Any], progress: dict[str, Any],
+                     max_skips: int, last_checkpoint: int | None) -> None:
+  """Counts a skipped non-finite step in `progress`; raises once there were too many in a row."""
+  progress['nonfinite_in_a_row'] = progress.get('nonfinite_in_a_row', 0) + 1
+  progress['skipped_steps'] = progress.get('skipped_steps', 0) + 1
+  what = f'train_loss {metrics["train_loss"]}, grad_norm {metrics["grad_norm"]}'
+  if progress['nonfinite_in_a_row'] > max_skips:
+    kept = (f'its last checkpoint (step {last_checkpoint}) is kept' if last_checkpoint is not None
+            else 'no checkpoint was saved yet')
+    in_a_row = (f' after {max_skips} skipped in a row' if max_skips else '')
+    raise NonFiniteError(
+        f'step {step} is not finite ({what}){in_a_row}; stopped without saving it, {kept}. '
+        f'Lower train.learning_rate, or set train.max_nonfinite_skips to skip such steps.')
+  logging.warning('Step %d is not finite (%s): update skipped (%d in a row, %d in all).', step,
+                  what, progress['nonfinite_in_a_row'], progress['skipped_steps'])
 
 
 class _StopFlag:
@@ -119,6 +144,7 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, flo
           'eval_accuracy': float(totals['correct']) / weight}
 
 
+@runlock.holds_run_folder(lambda job: job.workdir)
 def run(job: Job) -> Summary:
   config, tc = job.config, job.config.train
   workdir = Path(job.workdir)
@@ -159,6 +185,7 @@ def run(job: Job) -> Summary:
     row = {'step': int(state.step), 'wall_time_s': progress['wall_time_s'], **metrics}
     writer.write(row)
     metrics = {**metrics, 'step': row['step']}
+    progress['last_eval'] = metrics  # saved with the next checkpoint
     logging.info('step %d  wall %.1fs  %s', row['step'], row['wall_time_s'],
                  '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != 'step'))
     if job.on_eval is not None:
@@ -168,7 +195,9 @@ def run(job: Job) -> Summary:
   def save(state):
     checkpoint.save(mngr, int(state.step), state, job.train_iterator.get_state(), progress)
 
-  last_eval = None
+  # The evaluation saved with the restored checkpoint: when it is of that very step (a run
+  # killed after its last save), a rerun neither repeats it nor logs that step twice.
+  last_eval = progress.get('last_eval')
   stopped_by = 'steps'
   # Evaluations by training-clock time as well as by steps: a learning curve over wall-clock
   # gets evenly spaced points whatever the model's speed.
@@ -200,6 +229,11 @@ def run(job: Job) -> Summary:
       step += 1
       progress['wall_time_s'] += dt
       progress['tokens'] += float(metrics['tokens'])
+      if not metrics['finite']:
+        _count_nonfinite(step, metrics, progress, tc.get('max_nonfinite_skips', 0),
+                         mngr.latest_step())
+      elif progress.get('nonfinite_in_a_row'):
+        progress['nonfinite_in_a_row'] = 0
       bar.update(1)
       bar.set_postfix(loss=f'{metrics["train_loss"]:.3f}',
                       tok_s=f'{metrics["tokens"] / max(dt, 1e-9):,.0f}')
@@ -208,7 +242,9 @@ def run(job: Job) -> Summary:
                       'tokens': progress['tokens'], 'train_loss': metrics['train_loss'],
                       'train_accuracy': metrics['train_accuracy'],
                       'grad_norm': metrics['grad_norm'],
-                      'learning_rate': float(schedule_lr(step - 1))})
+                      'learning_rate': float(schedule_lr(step - 1)),
+                      **({'skipped_steps': progress['skipped_steps']}
+                         if progress.get('skipped_steps') else {})})
       if step % tc.eval_every == 0 or (eval_every_s and progress['wall_time_s'] >= next_eval_s):
         last_eval = run_eval(state)
         if eval_every_s:  # the next multiple of eval_every_s after the clock

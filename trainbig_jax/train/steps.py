@@ -4,6 +4,10 @@ A task gives a `sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correc
 of *sums* over a batch (trainbig_jax/tasks). The train step splits the batch into
 micro-batches, adds their sums and gradients, and normalises once by the total weight, so
 gradient accumulation gives exactly the gradient of the full batch.
+
+A step whose loss, gradient norm or new parameters are not all finite keeps the previous
+parameters and optimizer state (its `finite` metric is 0): a blow-up never reaches the state,
+so no checkpoint can hold a non-finite parameter; the loop decides whether to stop or go on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from trainbig_jax.train.state import TrainState
 PyTree = Any
 Batch = dict[str, jax.Array]
 SumsFn = Callable[[PyTree, Batch, jax.Array, bool], dict[str, jax.Array]]
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_steps: int):
@@ -52,6 +63,11 @@ def make_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_ste
     params = optax.apply_updates(state.params, updates)
     metrics = {'train_loss': sums['loss'] / denom, 'train_accuracy': sums['correct'] / denom,
                'tokens': sums['tokens'], 'grad_norm': optax.tree.norm(grads)}
+    finite = jnp.isfinite(metrics['train_loss']) & jnp.isfinite(metrics['grad_norm'])
+    finite &= all_finite(params)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics['finite'] = finite
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
