@@ -81,12 +81,12 @@ def translate_file(checkpoint_path: str | os.PathLike, input_path: str,
                    output_path: str | None = None) -> int:
   """Translates `input_path` ('-': stdin) line by line into `output_path` (None or '-':
   stdout); returns the number of lines. A file output is written whole or not at all."""
+  if input_path != '-' and not Path(input_path).is_file():
+    raise FileNotFoundError(f'--input={input_path} is not a file.')
   translator = Translator(checkpoint_path)
   if input_path == '-':
     lines = sys.stdin.readlines()
   else:
-    if not Path(input_path).is_file():
-      raise FileNotFoundError(f'--input={input_path} is not a file.')
     lines = Path(input_path).read_text(encoding='utf-8').splitlines()
   from tqdm import tqdm
   bar = tqdm(total=len(lines), unit='line', disable=not sys.stderr.isatty(), leave=False)
