@@ -8,6 +8,8 @@
   trainbig report    --sweep=DIR
   trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
   trainbig demo      [--workdir=DIR]
+  trainbig plan-memory --config=configs/pretrain.py:PRESET --mesh='(1,8,1)' --accelerator=v5e
+                     [--all_presets: the paper's depth and width grids into docs/memory.md]
 
 Errors a user can cause end in one line on stderr and exit status 2; set TRAINBIG_DEBUG=1
 for the full traceback.
@@ -16,7 +18,9 @@ for the full traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -33,11 +37,18 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
+_MESH = flags.DEFINE_string('mesh', None, "plan-memory: mesh sizes (data, fsdp, tensor), e.g. "
+                            "'(1,8,1)'.")
+_ACCELERATOR = flags.DEFINE_string('accelerator', None, 'plan-memory: target accelerator, one of '
+                                   'v4, v5e, v5p, v6e, A100-40, A100-80, H100-80, H200.')
+_ALL_PRESETS = flags.DEFINE_bool('all_presets', False, "plan-memory: the paper's depth and width "
+                                 'grid presets, as a table in docs/memory.md.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
 
-COMMANDS = ('train', 'finetune', 'compress', 'eval', 'sweep', 'report', 'plan', 'demo')
+COMMANDS = ('train', 'finetune', 'compress', 'eval', 'sweep', 'report', 'plan', 'demo',
+            'plan-memory')
 
 
 class UsageError(ValueError):
@@ -138,12 +149,37 @@ def _demo(command: str) -> None:
   print(f'demo: report in {report}')
 
 
+def _plan_memory(command: str) -> None:
+  mesh_text = _need(_MESH, 'mesh', command)
+  accelerator = _need(_ACCELERATOR, 'accelerator', command)
+  if 'jax' not in sys.modules:
+    # Nothing has started JAX yet: give it as many simulated host devices as the mesh has
+    # (TPU targets compile for their topology instead where JAX can describe it).
+    sizes = [int(n) for n in re.findall(r'\d+', mesh_text)] or [1]
+    xla_flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '',
+                       os.environ.get('XLA_FLAGS', ''))
+    os.environ['XLA_FLAGS'] = (f'{xla_flags} --xla_force_host_platform_device_count='
+                               f'{max(1, math.prod(sizes))}').strip()
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  from trainbig_jax.train import memory
+  mesh = memory.parse_mesh(mesh_text)
+  memory.get_accelerator(accelerator)
+  if _ALL_PRESETS.value:
+    path = memory.write_grid_table('docs/memory.md', mesh, accelerator, progress=_progress_line)
+    print(f'{command}: table for {accelerator} on mesh {mesh} in {path}')
+    return
+  plan = memory.plan_memory(_need(_CONFIG, 'config', command), mesh, accelerator)
+  print(json.dumps({**plan.__dict__, 'fits': plan.fits}) if _JSON.value
+        else memory.format_plan(plan))
+
+
 def _progress_line(message: str) -> None:
   print(message, flush=True)
 
 
 HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval,
-            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo}
+            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo,
+            'plan-memory': _plan_memory}
 
 
 def _dispatch(argv: list[str]) -> None:

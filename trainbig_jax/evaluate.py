@@ -20,6 +20,7 @@ from absl import logging
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
 from trainbig_jax.data import mlm
 from trainbig_jax.data.tokenizer import load_tokenizer
+from trainbig_jax.models import layer_stack
 from trainbig_jax.models.encoder import Encoder, encoder_config
 from trainbig_jax.train import checkpoint, loop, partitioning
 from trainbig_jax.train.finetune import classification_eval_batches
@@ -44,8 +45,9 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   config = checkpoint.read_config(path)
   tokenizer = load_tokenizer(str(path / checkpoint.TOKENIZER_FILE))
   params, facts = load_checkpoint_params(path)
-  model = Encoder(encoder_config(config.model, vocab_size=tokenizer.vocab_size,
-                                 pad_id=tokenizer.pad_id))
+  # Per-layer, as restore_params and compressed checkpoints give the parameters.
+  model = Encoder(encoder_config(layer_stack.per_layer_model_config(config.model),
+                                 vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
   if 'task' in config:
     task, seq_len, sums_fn = config.task, config.max_len, classification_sums(model)
     batches = lambda: classification_eval_batches(config, tokenizer)

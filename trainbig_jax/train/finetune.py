@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from trainbig_jax.compress import prune, quantize
 from trainbig_jax.data import classification, sources
 from trainbig_jax.data.tokenizer import load_tokenizer
+from trainbig_jax.models import layer_stack
 from trainbig_jax.models.encoder import Encoder, encoder_config
 from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.pretrain import ConfigError, check_model_config, check_train_config
@@ -62,7 +63,8 @@ def check_finetune_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _model_config(config: ml_collections.ConfigDict, pretrain_config, num_classes: int):
-  m = ml_collections.ConfigDict(pretrain_config.model.to_dict())
+  # Per-layer even after a scanned pretraining run: pruning and QAT select kernels by layer.
+  m = layer_stack.per_layer_model_config(pretrain_config.model)
   m.dropout, m.attention_dropout = config.model.dropout, config.model.attention_dropout
   m.num_classes = num_classes
   check_model_config(m)

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (enc.MLP, 'tensor'),
     (enc.POSITION, None),
     (enc.CLASSES, None),
+    (enc.LAYERS, None),  # every device holds all layers of its shards
 )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from trainbig_jax.data import mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
-from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
+from trainbig_jax.models.encoder import DTYPES, REMAT_POLICIES, Encoder, encoder_config
 from trainbig_jax.train import checkpoint, distributed, loop, partitioning
 from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import mlm_sums
@@ -35,6 +35,11 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
            f'model.num_heads={m.num_heads} does not divide model.hidden={m.hidden}; '
            f'choose heads among the divisors of {m.hidden}.')
   _require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} is invalid; allowed: {", ".join(DTYPES)}.')
+  remat = m.get('remat', 'none')
+  _require(remat in REMAT_POLICIES,
+           f'model.remat={remat!r} is invalid; allowed: {", ".join(REMAT_POLICIES)}.')
+  _require(isinstance(m.get('scan_layers', False), bool),
+           f'model.scan_layers={m.get("scan_layers")!r} is invalid: True or False.')
   for name in ('dropout', 'attention_dropout'):
     _require(0.0 <= m[name] < 1.0, f'model.{name}={m[name]!r} is invalid: allowed [0, 1).')
 
