@@ -80,7 +80,7 @@ def test_not_fitting_preset_gets_a_hint_that_fits_when_applied(tiny_plan):
 
 
 def test_grid_table_keeps_other_targets(tmp_path, monkeypatch):
-  def fake_measure(config, accelerator, capacity_bytes=None):
+  def fake_measure(config, accelerator, capacity_bytes=None):  # no compile
     return memory.MemoryPlan(
         preset=config.preset, mesh_shape=tuple(config.mesh.shape), accelerator=accelerator.name,
         compiled_for='test', batch_size=1, grad_accum_steps=1, remat='none',
@@ -89,9 +89,8 @@ def test_grid_table_keeps_other_targets(tmp_path, monkeypatch):
         capacity_bytes=accelerator.hbm_bytes, flops_per_device=1e12, num_devices=8)
   monkeypatch.setattr(memory, 'measure', fake_measure)
   path = tmp_path / 'memory.md'
-  memory.write_grid_table(path, (1, 8, 1), 'v5e', progress=lambda _: None)
-  memory.write_grid_table(path, (1, 8, 1), 'H100-80', progress=lambda _: None)
-  memory.write_grid_table(path, (1, 8, 1), 'v5e', progress=lambda _: None)  # replaced, once
+  memory.write_grid_table(path, (1, 8, 1), ['v5e', 'H100-80'], progress=lambda _: None)
+  memory.write_grid_table(path, (1, 8, 1), ['v5e'], progress=lambda _: None)  # replaced, once
   text = path.read_text()
   assert text.count('## v5e, mesh') == 1 and text.count('## H100-80, mesh') == 1
   assert '| depth24 | (1, 8, 1) | v5e | 24.00 GiB |' in text

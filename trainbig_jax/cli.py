@@ -42,7 +42,8 @@ _MESH = flags.DEFINE_string('mesh', None, "plan-memory: mesh sizes (data, fsdp, 
 _ACCELERATOR = flags.DEFINE_string('accelerator', None, 'plan-memory: target accelerator, one of '
                                    'v4, v5e, v5p, v6e, A100-40, A100-80, H100-80, H200.')
 _ALL_PRESETS = flags.DEFINE_bool('all_presets', False, "plan-memory: the paper's depth and width "
-                                 'grid presets, as a table in docs/memory.md.')
+                                 'grid presets, as a table in docs/memory.md (--accelerator may '
+                                 'then list several, comma-separated).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
@@ -163,11 +164,12 @@ def _plan_memory(command: str) -> None:
     os.environ['JAX_PLATFORMS'] = 'cpu'
   from trainbig_jax.train import memory
   mesh = memory.parse_mesh(mesh_text)
-  memory.get_accelerator(accelerator)
-  if _ALL_PRESETS.value:
-    path = memory.write_grid_table('docs/memory.md', mesh, accelerator, progress=_progress_line)
-    print(f'{command}: table for {accelerator} on mesh {mesh} in {path}')
+  if _ALL_PRESETS.value:  # one table per accelerator: --accelerator=v5e,H100-80
+    names = accelerator.split(',')
+    path = memory.write_grid_table('docs/memory.md', mesh, names, progress=_progress_line)
+    print(f'{command}: tables for {", ".join(names)} on mesh {mesh} in {path}')
     return
+  memory.get_accelerator(accelerator)
   plan = memory.plan_memory(_need(_CONFIG, 'config', command), mesh, accelerator)
   print(json.dumps({**plan.__dict__, 'fits': plan.fits}) if _JSON.value
         else memory.format_plan(plan))

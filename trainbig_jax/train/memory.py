@@ -205,29 +205,29 @@ def measure(config: ml_collections.ConfigDict, accelerator: Accelerator,
   mesh_shape = tuple(int(s) for s in config.mesh.shape)
   num_devices = math.prod(mesh_shape)
   pretrain.check_train_config(config, num_devices)
-  measured = _measure_compiled(config.to_json(), accelerator.name)
+  devices, compiled_for = _target_devices(accelerator, num_devices)
+  measured = _measure_compiled(config.to_json(), tuple(devices))
   return MemoryPlan(
       preset=config.get('preset', 'custom'), mesh_shape=mesh_shape,
-      accelerator=accelerator.name, batch_size=config.train.batch_size,
+      accelerator=accelerator.name, compiled_for=compiled_for, batch_size=config.train.batch_size,
       grad_accum_steps=config.train.grad_accum_steps, remat=config.model.get('remat', 'none'),
       capacity_bytes=capacity_bytes or accelerator.hbm_bytes, num_devices=num_devices,
       **measured)
 
 
 @functools.lru_cache(maxsize=64)
-def _measure_compiled(config_json: str, accelerator_name: str) -> dict[str, Any]:
-  """Byte counts of one compile (cached: a hint search and a re-plan compile once per config)."""
+def _measure_compiled(config_json: str, devices: tuple) -> dict[str, Any]:
+  """Byte counts of one compile, cached by config and target devices: a hint search, a
+  re-plan, or two accelerators simulated by the same host devices compile once."""
   config = ml_collections.ConfigDict(json.loads(config_json))
   config.mesh.shape = tuple(config.mesh.shape)
-  devices, compiled_for = _target_devices(ACCELERATORS[accelerator_name],
-                                          math.prod(config.mesh.shape))
-  compiled, state, batch = compile_train_step(config, devices)
+  compiled, state, batch = compile_train_step(config, list(devices))
   stats = compiled.memory_analysis()
   params = shard_bytes(state.params)
   temp = int(stats.temp_size_in_bytes)
   peak = (int(stats.argument_size_in_bytes) + temp
           + max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes)))
-  return {'compiled_for': compiled_for, 'params_bytes': params,
+  return {'params_bytes': params,
           'optimizer_bytes': shard_bytes(state.opt_state), 'gradient_bytes': params,
           'activation_bytes': max(0, temp - params), 'batch_bytes': shard_bytes(batch),
           'peak_bytes': peak, 'flops_per_device': _flops(compiled)}
@@ -344,34 +344,38 @@ GRID_PRESETS = (tuple(f'depth{d}' for d in pretrain_configs.DEPTH_GRID)
 _TABLE_HEADER = '# Memory plans of the paper\'s grids'
 
 
-def write_grid_table(path: str | os.PathLike, mesh_shape: Sequence[int], accelerator_name: str,
-                     progress=print) -> Path:
-  """Plans every depth and width grid preset (their default batch and sequence length) on one
-  target and writes them as a section of `path`, replacing that target's earlier section and
-  keeping the others."""
-  accelerator = get_accelerator(accelerator_name)
+def write_grid_table(path: str | os.PathLike, mesh_shape: Sequence[int],
+                     accelerator_names: Sequence[str], progress=print) -> Path:
+  """Plans every depth and width grid preset (their default batch and sequence length) on
+  each target and writes one section a target into `path`, replacing that target's earlier
+  section and keeping the others."""
+  accelerators = [get_accelerator(name) for name in accelerator_names]
   mesh_shape = tuple(int(s) for s in mesh_shape)
-  rows = []
+  rows = {a.name: [] for a in accelerators}
   for preset in GRID_PRESETS:
-    progress(f'plan-memory: {preset} on {accelerator.name} {mesh_shape}')
     config = _with(pretrain_configs.get_config(preset), mesh__shape=mesh_shape)
-    rows.append(measure(config, accelerator))
-  title = f'## {accelerator.name}, mesh (data, fsdp, tensor) = {mesh_shape}'
-  c = pretrain_configs.get_config(GRID_PRESETS[0])
-  section = '\n'.join([
-      title, '',
-      f'Command: `trainbig plan-memory --all_presets --mesh=\'{",".join(map(str, mesh_shape))}\' '
-      f'--accelerator={accelerator.name}`. Each preset at its defaults: global batch '
-      f'{c.train.batch_size} x {c.data.seq_len} tokens, {c.train.grad_accum_steps} '
-      f'micro-batch, fp32, AdamW; per device. Compiled for: {rows[0].compiled_for}.', '',
-      grid_table(rows), ''])
+    for accelerator in accelerators:
+      progress(f'plan-memory: {preset} on {accelerator.name} {mesh_shape}')
+      rows[accelerator.name].append(measure(config, accelerator))
   path = Path(path)
   sections = _read_sections(path)
-  sections[title] = section
+  c = pretrain_configs.get_config(GRID_PRESETS[0])
+  mesh_flag = ','.join(map(str, mesh_shape))
+  for accelerator in accelerators:
+    title = f'## {accelerator.name}, mesh (data, fsdp, tensor) = {mesh_shape}'
+    sections[title] = '\n'.join([
+        title, '',
+        f"Command: `trainbig plan-memory --all_presets --mesh='{mesh_flag}' "
+        f"--accelerator={','.join(a.name for a in accelerators)}`. Each preset at its "
+        f'defaults: global batch {c.train.batch_size} x {c.data.seq_len} tokens, '
+        f'{c.train.grad_accum_steps} micro-batch, fp32, AdamW, no remat; bytes per device. '
+        f'Compiled for: {rows[accelerator.name][0].compiled_for}.', '',
+        grid_table(rows[accelerator.name]), ''])
   intro = (f'{_TABLE_HEADER}\n\nWritten by `trainbig plan-memory --all_presets` (see '
            '`trainbig_jax/train/memory.py` for what each column counts and how). "usable" is '
-           f'{USABLE_FRACTION:.0%} of the accelerator\'s HBM. A preset that does not fit gets a '
-           'verified hint from a single-preset `trainbig plan-memory` call.\n')
+           f'{USABLE_FRACTION:.0%} of the accelerator\'s HBM. For a preset that does not fit, '
+           'a single-preset `trainbig plan-memory` call gives a hint verified by compiling '
+           'again.\n')
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.md.tmp')
   tmp.write_text('\n'.join([intro, *sections.values()]))
