@@ -201,10 +201,9 @@ def _flops(compiled) -> float:
 def measure(config: ml_collections.ConfigDict, accelerator: Accelerator,
             capacity_bytes: int | None = None) -> MemoryPlan:
   """Compiles `config`'s train step for `accelerator` and its mesh; the per-device breakdown."""
-  pretrain.check_model_config(config.model)
   mesh_shape = tuple(int(s) for s in config.mesh.shape)
   num_devices = math.prod(mesh_shape)
-  pretrain.check_train_config(config, num_devices)
+  pretrain.check_pretrain_config(config, num_devices)
   devices, compiled_for = _target_devices(accelerator, num_devices)
   measured = _measure_compiled(config.to_json(), tuple(devices))
   return MemoryPlan(

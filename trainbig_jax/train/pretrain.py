@@ -67,7 +67,8 @@ def check_train_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
            f'processes.')
 
 
-def check_pretrain_config(c: ml_collections.ConfigDict) -> None:
+def check_pretrain_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """All checks of a pretraining config, for `num_devices` (default: this process's job)."""
   check_model_config(c.model)
   d = c.data
   _require(isinstance(d.vocab_size, int) and d.vocab_size >= 16,
@@ -81,7 +82,7 @@ def check_pretrain_config(c: ml_collections.ConfigDict) -> None:
            and d.mask_token_prob + d.random_token_prob <= 1.0,
            f'data.mask_token_prob={d.mask_token_prob!r} and data.random_token_prob='
            f'{d.random_token_prob!r} must be >= 0 and sum to at most 1.')
-  check_train_config(c, jax.device_count())
+  check_train_config(c, jax.device_count() if num_devices is None else num_devices)
 
 
 def build_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Encoder:
