@@ -14,18 +14,17 @@ Parameters are selected by regexes searched in '/'-joined key paths such as
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trainbig_jax.models.layout import LAYER_KERNELS, flatten_with_paths, path_str
+
 PyTree = Any
 
-# Every dense kernel inside the transformer layers; embeddings, biases, LayerNorm
-# and the heads stay dense unless a caller includes them.
-DEFAULT_INCLUDE: tuple[str, ...] = (r'layers_\d+/.*/kernel$',)
 SCOPES = ('layer', 'global')
 
 # Bit pattern of +inf: the largest key a (NaN-free) magnitude can have.
@@ -35,19 +34,6 @@ _BISECTION_ROUNDS = 31
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-  """'/'-joined key names of a `jax.tree_util` key path ('layers_0/mlp/wi/kernel')."""
-  return jax.tree_util.keystr(tuple(key_path), simple=True, separator='/')
-
-
-def flatten_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None
-                       ) -> tuple[list[tuple[str, Any]], Any]:
-  """(path, leaf) pairs in tree order plus the treedef to rebuild the tree."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [(path_str(kp), leaf) for kp, leaf in flat], treedef
-
 
 def _as_patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
   # A bare string is one pattern, not an iterable of one-character patterns.
@@ -75,7 +61,7 @@ def select_paths(paths: Sequence[str], include: str | Iterable[str],
           if any(re.search(i, p) for i in include) and not any(re.search(e, p) for e in exclude)]
 
 
-def prunable_paths(params: PyTree, include: str | Iterable[str] = DEFAULT_INCLUDE,
+def prunable_paths(params: PyTree, include: str | Iterable[str] = LAYER_KERNELS,
                    exclude: str | Iterable[str] = ()) -> list[str]:
   """Paths of the parameters selected for pruning, in tree order."""
   named_leaves, _ = flatten_with_paths(params)
@@ -201,7 +187,7 @@ def _masks_for_sparsity(arrays: Sequence[jax.Array], sparsity: jax.Array, scope:
 
 
 def magnitude_masks(params: PyTree, sparsity: float, *, scope: str = 'layer',
-                    include: str | Iterable[str] = DEFAULT_INCLUDE,
+                    include: str | Iterable[str] = LAYER_KERNELS,
                     exclude: str | Iterable[str] = ()) -> PyTree:
   """Keep-masks that prune the smallest-magnitude weights to an exact sparsity.
 
@@ -295,7 +281,7 @@ class PruningState(NamedTuple):
 
 def gradual_magnitude_pruning(final_sparsity: float, begin_step: int, end_step: int, *,
                               update_every: int = 1, scope: str = 'layer',
-                              include: str | Iterable[str] = DEFAULT_INCLUDE,
+                              include: str | Iterable[str] = LAYER_KERNELS,
                               exclude: str | Iterable[str] = (),
                               initial_sparsity: float = 0.0) -> optax.GradientTransformation:
   """optax transformation for Zhu & Gupta gradual magnitude pruning; chain it LAST.

@@ -37,8 +37,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from trainbig_jax.compress.prune import DEFAULT_INCLUDE, masks_by_path, select_paths
+from trainbig_jax.compress.prune import masks_by_path, select_paths
 from trainbig_jax.compress.quantize import QuantizedTensor, check_bits, dequantize, quantize
+from trainbig_jax.models.layout import LAYER_KERNELS, path_str
 
 PyTree = Any
 FORMAT_NAME = 'trainbig_jax.compressed_params'
@@ -177,7 +178,7 @@ def _named_leaves(params: PyTree) -> dict[str, Any]:
     if not all(isinstance(n, str) and n and '/' not in n for n in names):
       raise ValueError(f'compress_tree needs nested dicts with non-empty string keys without "/"; '
                        f'got key path {jax.tree_util.keystr(key_path)}.')
-    named['/'.join(names)] = leaf
+    named[path_str(key_path)] = leaf
   return named
 
 
@@ -202,7 +203,7 @@ def _encode_codes(q: QuantizedTensor, mask: np.ndarray | None) -> dict[str, np.n
 
 def compress_tree(params: PyTree, masks: PyTree | None = None,
                   quant: Mapping[str, Any] | None = None, *,
-                  include: str | Iterable[str] = DEFAULT_INCLUDE,
+                  include: str | Iterable[str] = LAYER_KERNELS,
                   exclude: str | Iterable[str] = ()) -> CompressedParams:
   """Encodes a param tree (nested dicts) for storage.
 

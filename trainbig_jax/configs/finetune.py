@@ -16,11 +16,13 @@ Presets:
 import ml_collections
 
 from trainbig_jax.configs import pretrain
+from trainbig_jax.models.layout import LAYER_KERNELS
 
 
 def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
+  c.task_kind = 'classify'  # trainbig_jax.tasks registry name
   c.seed = 0
   c.task = 'rotten_tomatoes'  # see trainbig_jax.data.classification.TASKS
   c.max_len = 64  # tokens per example, <s> and </s> included
@@ -45,13 +47,13 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c.compression.prune.end_frac = 0.6
   c.compression.prune.update_every = 10
   c.compression.prune.scope = 'layer'  # 'layer' | 'global'
-  c.compression.prune.include = (r'layers_\d+/.*/kernel$',)
+  c.compression.prune.include = LAYER_KERNELS
   c.compression.prune.exclude = ()
   c.compression.qat = ml_collections.ConfigDict()
-  c.compression.qat.bits = 0  # 2..8 turns quantization-aware training on; 0 is off
+  c.compression.qat.bits = 32  # 2..8 turns quantization-aware training on; 32 (float) is off
   c.compression.qat.symmetric = True
   c.compression.qat.per_channel = True
-  c.compression.qat.include = (r'layers_\d+/.*/kernel$',)
+  c.compression.qat.include = LAYER_KERNELS
   c.compression.qat.exclude = ()
 
   base, _, variant = preset.partition('_')

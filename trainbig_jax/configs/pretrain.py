@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a pretraining run reads, with RoBERTa-base-like defaults."""
   c = ml_collections.ConfigDict()
   c.preset = 'custom'
+  c.task_kind = 'mlm'  # trainbig_jax.tasks registry name
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -86,7 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _size(c, layers, hidden, heads=None):
+def set_size(c: ml_collections.ConfigDict, layers: int, hidden: int, heads: int | None = None
+             ) -> ml_collections.ConfigDict:
+  """The one size rule: heads = hidden // 64 (at least 1) unless given, MLP 4 x hidden."""
   c.model.num_layers = layers
   c.model.hidden = hidden
   c.model.num_heads = heads or max(1, hidden // 64)
@@ -98,7 +101,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c = base_config()
   c.preset = preset
   if preset == 'tiny':
-    _size(c, 2, 32, heads=2)
+    set_size(c, 2, 32, heads=2)
     c.data.vocab_size = 512
     c.data.seq_len = 32
     c.data.tokenizer_max_chars = 2_000_000
@@ -113,7 +116,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.train.eval_every = 10
     c.train.checkpoint_every = 10
   elif preset == 'demo':
-    _size(c, 2, 64, heads=2)
+    set_size(c, 2, 64, heads=2)
     c.data.vocab_size = 2000
     c.data.seq_len = 64
     c.data.tokenizer_max_chars = 4_000_000
@@ -129,13 +132,13 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.checkpoint_every = 200
   elif preset.startswith('depth') and preset[5:].isdigit() and int(preset[5:]) in DEPTH_GRID:
-    _size(c, int(preset[5:]), 768)
+    set_size(c, int(preset[5:]), 768)
   elif preset.startswith('width') and preset[5:].isdigit() and int(preset[5:]) in WIDTH_GRID:
-    _size(c, WIDTH_GRID_LAYERS, int(preset[5:]))
+    set_size(c, WIDTH_GRID_LAYERS, int(preset[5:]))
   elif preset == 'roberta_base':
-    _size(c, 12, 768)
+    set_size(c, 12, 768)
   elif preset == 'roberta_large':
-    _size(c, 24, 1024, heads=16)
+    set_size(c, 24, 1024, heads=16)
   else:
     raise ValueError(f'Unknown pretrain preset {preset!r}; allowed: {", ".join(PRESETS)}.')
   return c

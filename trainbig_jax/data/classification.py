@@ -14,23 +14,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
 
 from trainbig_jax.data import sources
-
-
-class Tokenizer(Protocol):
-  """What encoding needs from a tokenizer: special ids and text -> piece ids (no specials)."""
-
-  pad_id: int
-  bos_id: int
-  eos_id: int
-
-  def encode(self, text: str) -> list[int]:
-    ...
+# Encoding uses pad_id, bos_id, eos_id and encode(text) (piece ids without specials).
+from trainbig_jax.data.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 EMBEDDED_BUILDERS = {
     'trainbig_sotu': 'trainbig_jax.data.sotu:SotuCorpus',
     'trainbig_rotten_tomatoes': 'trainbig_jax.data.rotten_tomatoes:RottenTomatoes',
+    'trainbig_libreoffice_enfr': 'trainbig_jax.data.libreoffice_help:LibreOfficeHelpEnFr',
 }
 
 

@@ -5,8 +5,9 @@ leaves have a leading axis of size num_layers; without it, as `layers_0`, `layer
 The two hold the same numbers: `stack_layers` and `unstack_layers` convert exactly (pure
 numpy/jax on pytrees, any leaf type that supports indexing and stacking). Checkpoints are
 read per-layer for evaluation, compression and fine-tuning (`checkpoint.restore_params`), so
-every matrix a compression regex names ('layers_3/mlp/wi/kernel') exists whatever the run's
-layout was.
+every matrix a compression regex names ('layers_3/mlp/wi/kernel', models/layout.py
+LAYER_KERNELS) exists whatever the run's layout was. The stack is the top-level one of the
+encoder; a model family with nested stacks ('encoder/layers') would convert each subtree.
 """
 
 from __future__ import annotations

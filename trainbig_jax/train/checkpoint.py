@@ -23,6 +23,7 @@ import ml_collections
 from absl import logging
 import orbax.checkpoint as ocp
 
+from trainbig_jax import files
 from trainbig_jax.models import layer_stack
 
 CONFIG_FILE = 'config.json'
@@ -103,10 +104,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
         raise CheckpointError(
             f'{workdir} holds a run with other {section} settings ({", ".join(diffs)}); '
             f'use a new --workdir or the same config.')
-  # Every process writes the same file: a temporary name of its own keeps the renames atomic.
-  tmp = path.with_suffix(f'.json.tmp{jax.process_index()}')
-  tmp.write_text(config.to_json(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write(path, config.to_json(indent=2))  # every process: same bytes, own temp
 
 
 def read_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """Memory planning before launch: will this preset's train step fit the target accelerator?
 
 The train step of a pretraining config is built exactly as `trainbig train` builds it (model,
-mesh, sharded state, jitted step: `pretrain.build_model`, `partitioning.make_mesh`,
+mesh, sharded state, jitted step: `tasks.mlm.build_model`, `partitioning.make_mesh`,
 `state.abstract_sharded_state`, `loop.jit_train_step`), lowered against abstract arrays (no
 parameter is allocated) and compiled ahead of time. Per device:
 
@@ -40,11 +40,10 @@ import ml_collections
 import numpy as np
 
 from trainbig_jax.configs import pretrain as pretrain_configs
-from trainbig_jax.data import mlm
 from trainbig_jax.data.tokenizer import PAD_ID
-from trainbig_jax.train import loop, partitioning, pretrain
+from trainbig_jax.tasks import mlm as mlm_task
+from trainbig_jax.train import loop, partitioning
 from trainbig_jax.train.state import abstract_sharded_state, make_optimizer
-from trainbig_jax.train.steps import mlm_sums
 
 GiB = 1024 ** 3
 
@@ -166,14 +165,14 @@ def _target_devices(accelerator: Accelerator, count: int) -> tuple[list, str]:
 def compile_train_step(config: ml_collections.ConfigDict, devices: list):
   """The compiled train step of `config` on `devices`, and its abstract state."""
   tokenizer = types.SimpleNamespace(vocab_size=config.data.vocab_size, pad_id=PAD_ID)
-  model = pretrain.build_model(config, tokenizer)
+  model = mlm_task.build_model(config, tokenizer)
   tx = make_optimizer(config.train)
   mesh = partitioning.make_mesh(config.mesh.shape, devices)
-  init_params = pretrain.init_params_fn(model, config.data.seq_len)
+  init_params = mlm_task.init_params_fn(model, config)
   rules = partitioning.LOGICAL_AXIS_RULES
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, shardings = abstract_sharded_state(init_params, tx, mesh)
-    sums = mlm_sums(model, mlm.max_predictions(config.data.seq_len, config.data.mask_rate))
+    sums = mlm_task.sums_fn(model, config)
     step = loop.jit_train_step(sums, tx, config.train.grad_accum_steps, shardings, mesh)
     batch_sharding = partitioning.batch_sharding(mesh)
     shape = (config.train.batch_size, config.data.seq_len)
@@ -203,7 +202,7 @@ def measure(config: ml_collections.ConfigDict, accelerator: Accelerator,
   """Compiles `config`'s train step for `accelerator` and its mesh; the per-device breakdown."""
   mesh_shape = tuple(int(s) for s in config.mesh.shape)
   num_devices = math.prod(mesh_shape)
-  pretrain.check_pretrain_config(config, num_devices)
+  mlm_task.check_config(config, num_devices)
   devices, compiled_for = _target_devices(accelerator, num_devices)
   measured = _measure_compiled(config.to_json(), tuple(devices))
   return MemoryPlan(
