@@ -10,6 +10,8 @@
   trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
   trainbig demo      [--workdir=DIR]
   trainbig prepare   --dataset=NAME [--dataset=NAME ...] [--data_dir=DIR]
+  trainbig plan-memory --config=configs/pretrain.py:PRESET --mesh='(1,8,1)' --accelerator=v5e
+                     [--all_presets: the paper's depth and width grids into docs/memory.md]
 
 Errors a user can cause end in one line on stderr and exit status 2; set TRAINBIG_DEBUG=1
 for the full traceback.
@@ -18,7 +20,9 @@ for the full traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -41,12 +45,19 @@ _DATASET = flags.DEFINE_multi_string('dataset', None, 'A TFDS name, files:GLOB o
                                      'dataset; repeat the flag for several.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data folder (default: $TRAINBIG_DATA_DIR '
                                 'or ~/.cache/trainbig_jax/tfds).')
+_MESH = flags.DEFINE_string('mesh', None, "plan-memory: mesh sizes (data, fsdp, tensor), e.g. "
+                            "'(1,8,1)'.")
+_ACCELERATOR = flags.DEFINE_string('accelerator', None, 'plan-memory: target accelerator, one of '
+                                   'v4, v5e, v5p, v6e, A100-40, A100-80, H100-80, H200.')
+_ALL_PRESETS = flags.DEFINE_bool('all_presets', False, "plan-memory: the paper's depth and width "
+                                 'grid presets, as a table in docs/memory.md (--accelerator may '
+                                 'then list several, comma-separated).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
 
 COMMANDS = ('train', 'finetune', 'compress', 'eval', 'translate', 'sweep', 'report', 'plan',
-            'demo', 'prepare')
+            'demo', 'prepare', 'plan-memory')
 
 
 class UsageError(ValueError):
@@ -165,13 +176,38 @@ def _prepare(command: str) -> None:
     print(f'prepare: {name} ready in {builder.data_dir} ({splits} examples)')
 
 
+def _plan_memory(command: str) -> None:
+  mesh_text = _need(_MESH, 'mesh', command)
+  accelerator = _need(_ACCELERATOR, 'accelerator', command)
+  if 'jax' not in sys.modules:
+    # Nothing has started JAX yet: give it as many simulated host devices as the mesh has
+    # (TPU targets compile for their topology instead where JAX can describe it).
+    sizes = [int(n) for n in re.findall(r'\d+', mesh_text)] or [1]
+    xla_flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '',
+                       os.environ.get('XLA_FLAGS', ''))
+    os.environ['XLA_FLAGS'] = (f'{xla_flags} --xla_force_host_platform_device_count='
+                               f'{max(1, math.prod(sizes))}').strip()
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  from trainbig_jax.train import memory
+  mesh = memory.parse_mesh(mesh_text)
+  if _ALL_PRESETS.value:  # one table per accelerator: --accelerator=v5e,H100-80
+    names = accelerator.split(',')
+    path = memory.write_grid_table('docs/memory.md', mesh, names, progress=_progress_line)
+    print(f'{command}: tables for {", ".join(names)} on mesh {mesh} in {path}')
+    return
+  memory.get_accelerator(accelerator)
+  plan = memory.plan_memory(_need(_CONFIG, 'config', command), mesh, accelerator)
+  print(json.dumps({**plan.__dict__, 'fits': plan.fits}) if _JSON.value
+        else memory.format_plan(plan))
+
+
 def _progress_line(message: str) -> None:
   print(message, flush=True)
 
 
 HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval,
             'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo,
-            'translate': _translate, 'prepare': _prepare}
+            'translate': _translate, 'prepare': _prepare, 'plan-memory': _plan_memory}
 
 
 def _dispatch(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ from absl import logging
 from trainbig_jax import tasks
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
 from trainbig_jax.data.tokenizer import load_tokenizer
+from trainbig_jax.models import layer_stack
 from trainbig_jax.train import checkpoint, loop, partitioning
 from trainbig_jax.train.state import params_shardings
 from trainbig_jax.train.steps import make_eval_step
@@ -43,6 +44,8 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   tokenizer = load_tokenizer(str(path / checkpoint.TOKENIZER_FILE))
   params, facts = load_checkpoint_params(path)
   task = tasks.task_of(config)
+  # Per-layer, as restore_params and compressed checkpoints give the parameters.
+  config.model = layer_stack.per_layer_model_config(config.model)
   model = task.build_model(config, tokenizer)
   sums_fn = task.sums_fn(model, config)
   eval_batches = task.eval_batches(config, tokenizer)

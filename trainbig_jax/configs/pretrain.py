@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # activations: 'float32' or 'bfloat16'; parameters stay fp32
   c.model.layer_norm_eps = 1e-5
   c.model.num_classes = 0  # >0 adds a classification head (fine-tuning)
+  # Layers under nn.scan (stacked parameters; compile time independent of depth), and what
+  # each layer keeps for the backward pass: 'none' | 'full' | 'dots_saveable' |
+  # 'dots_with_no_batch_dims_saveable' (see models/encoder.py REMAT_POLICIES).
+  c.model.scan_layers = False
+  c.model.remat = 'none'
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # global sequences per optimizer step

@@ -20,3 +20,4 @@ HEADS = 'heads'
 MLP = 'mlp'
 POSITION = 'position'
 CLASSES = 'classes'
+LAYERS = 'layers'  # the leading axis of stacked (scanned) layer parameters

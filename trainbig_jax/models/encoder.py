@@ -11,6 +11,12 @@ Parameter tree (post-LN, the RoBERTa layout):
   mlm_head/dense/..., mlm_head/norm/..., mlm_head/bias   (output projection tied to embed/token)
   classifier/dense/..., classifier/out/...                (when num_classes > 0)
 The pre-LN variant has no embed/norm and a final_norm after the last layer instead.
+
+With `scan_layers` the layers run under `nn.scan` and their parameters are stored stacked,
+layers/attention/query/kernel [num_layers, in, out] ...: one layer is compiled once, so
+compile time no longer grows with depth. `remat` recomputes each layer's activations in the
+backward pass (a `jax.checkpoint` policy saves some of them). Neither changes the maths;
+models/layer_stack.py converts between the stacked and the per-layer trees.
 """
 
 from __future__ import annotations
@@ -23,9 +29,18 @@ import jax
 import jax.numpy as jnp
 
 from trainbig_jax.models.axes import (ACT_EMBED, ACT_HEADS, ACT_MLP, BATCH, CLASSES, EMBED,
-                                      HEADS, LENGTH, MLP, POSITION, VOCAB)
+                                      HEADS, LAYERS, LENGTH, MLP, POSITION,
+                                      VOCAB)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# What a rematerialised layer keeps for the backward pass ('none': no remat, keep everything;
+# 'full': keep only the layer's input and recompute the rest).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +58,8 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-5
   num_classes: int = 0
   pad_id: int = 0
+  scan_layers: bool = False
+  remat: str = 'none'
 
   @property
   def head_dim(self) -> int:
@@ -183,7 +200,13 @@ class Encoder(nn.Module):
     cfg = self.cfg
     self.embed = Embeddings(cfg)
     self.embed_dropout = nn.Dropout(cfg.dropout)
-    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
+    layer = EncoderLayer
+    if cfg.remat != 'none':  # `train` (argument 3, counting self) is a Python bool
+      layer = nn.remat(EncoderLayer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
+    if cfg.scan_layers:
+      self.layers = layer(cfg)  # one module whose parameters gain a leading layer axis
+    else:
+      self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
     if cfg.pre_ln:
       self.final_norm = _layer_norm(cfg, 'final_norm')
     self.mlm_head = MlmHead(cfg)
@@ -196,8 +219,11 @@ class Encoder(nn.Module):
     key_mask = tokens != cfg.pad_id
     x = self.embed_dropout(self.embed(tokens), deterministic=not train)
     x = _constrain(x.astype(DTYPES[cfg.dtype]), BATCH, LENGTH, ACT_EMBED)
-    for layer in self.layers:
-      x = layer(x, key_mask, train)
+    if cfg.scan_layers:
+      x = _scan_layers(self.layers, x, key_mask, train, cfg.num_layers)
+    else:
+      for layer in self.layers:
+        x = layer(x, key_mask, train)
     if cfg.pre_ln:
       x = self.final_norm(x).astype(DTYPES[cfg.dtype])
     return x
@@ -217,6 +243,16 @@ class Encoder(nn.Module):
         raise ValueError('task="classify" needs model.num_classes > 0.')
       return self.classifier(x[:, 0], train)
     raise ValueError(f'Unknown task {task!r}; allowed: "mlm", "classify".')
+
+
+def _scan_layers(layer: nn.Module, x: jax.Array, key_mask: jax.Array, train: bool,
+                 num_layers: int) -> jax.Array:
+  """`layer` applied `num_layers` times with stacked parameters (and dropout keys)."""
+  def body(layer, carry, _):
+    return layer(carry, key_mask, train), None
+  scan = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                 length=num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+  return scan(layer, x, None)[0]
 
 
 def encoder_config(model_config: Any, vocab_size: int, pad_id: int = 0) -> EncoderConfig:

@@ -28,6 +28,7 @@ import optax
 from trainbig_jax.compress import prune, quantize
 from trainbig_jax.data import checks, classification, sources
 from trainbig_jax.data.tokenizer import Tokenizer, load_tokenizer
+from trainbig_jax.models import layer_stack
 from trainbig_jax.models.encoder import Encoder, encoder_config
 from trainbig_jax.models.layout import path_str
 from trainbig_jax.tasks.mlm import check_model_config, encoder_init_fn
@@ -70,7 +71,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _model_config(config: ml_collections.ConfigDict, pretrain_config, num_classes: int):
-  m = ml_collections.ConfigDict(pretrain_config.model.to_dict())
+  # Per-layer even after a scanned pretraining run: pruning and QAT select kernels by layer.
+  m = layer_stack.per_layer_model_config(pretrain_config.model)
   m.dropout, m.attention_dropout = config.model.dropout, config.model.attention_dropout
   m.num_classes = num_classes
   check_model_config(m)

@@ -15,7 +15,7 @@ import optax
 
 from trainbig_jax.data import checks, mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
-from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
+from trainbig_jax.models.encoder import DTYPES, REMAT_POLICIES, Encoder, encoder_config
 from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.checks import ConfigError, check_train_config, require
 from trainbig_jax.train.state import make_optimizer
@@ -35,11 +35,17 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
           f'model.num_heads={m.num_heads} does not divide model.hidden={m.hidden}; '
           f'choose heads among the divisors of {m.hidden}.')
   require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} is invalid; allowed: {", ".join(DTYPES)}.')
+  remat = m.get('remat', 'none')
+  require(remat in REMAT_POLICIES,
+          f'model.remat={remat!r} is invalid; allowed: {", ".join(REMAT_POLICIES)}.')
+  require(isinstance(m.get('scan_layers', False), bool),
+          f'model.scan_layers={m.get("scan_layers")!r} is invalid: True or False.')
   for name in ('dropout', 'attention_dropout'):
     require(0.0 <= m[name] < 1.0, f'model.{name}={m[name]!r} is invalid: allowed [0, 1).')
 
 
-def check_config(c: ml_collections.ConfigDict) -> None:
+def check_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """All checks of a pretraining config, for `num_devices` (default: this process's job)."""
   check_model_config(c.model)
   d = c.data
   require(isinstance(d.vocab_size, int) and d.vocab_size >= 16,
@@ -53,7 +59,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
           and d.mask_token_prob + d.random_token_prob <= 1.0,
           f'data.mask_token_prob={d.mask_token_prob!r} and data.random_token_prob='
           f'{d.random_token_prob!r} must be >= 0 and sum to at most 1.')
-  check_train_config(c, jax.device_count())
+  check_train_config(c, jax.device_count() if num_devices is None else num_devices)
 
 
 def build_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Encoder:

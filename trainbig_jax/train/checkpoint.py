@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from trainbig_jax import files
 from trainbig_jax.train import distributed
+from trainbig_jax.models import layer_stack
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -234,7 +235,8 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
   """The parameter tree (host numpy arrays) that stands for a run (see params_step_dir).
 
   Reads only what is stored, without needing the optimizer that wrote it, so any Orbax user
-  can do the same.
+  can do the same. Layers come back per layer (layers_0, ...) even when the run stored them
+  stacked (model.scan_layers), so compression and evaluation see one layout.
   """
   state_dir = params_step_dir(run_dir) / 'state'
   if not state_dir.exists():
@@ -258,7 +260,7 @@ def _restore_params(state_dir: Path) -> dict[str, Any]:
     tree = ckptr.metadata(state_dir).item_metadata.tree
     restore_args = _numpy_restore_args(tree)
     state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return state['params']
+  return layer_stack.unstack_layers(state['params'])
 
 
 def _numpy_restore_args(tree):

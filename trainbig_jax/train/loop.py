@@ -144,6 +144,16 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, flo
           'eval_accuracy': float(totals['correct']) / weight}
 
 
+def jit_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_steps: int,
+                   state_shardings: Any, mesh) -> Any:
+  """The jitted train step of a run: state in place (donated), batch over data x fsdp."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(
+      make_train_step(sums_fn, tx, accum_steps),
+      in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
 @runlock.holds_run_folder(lambda job: job.workdir)
 def run(job: Job) -> Summary:
   config, tc = job.config, job.config.train
@@ -167,10 +177,7 @@ def run(job: Job) -> Summary:
                         resume_step=step if restored is not None else None)
 
   replicated = NamedSharding(mesh, P())
-  train_step = jax.jit(
-      make_train_step(job.sums_fn, job.tx, tc.grad_accum_steps),
-      in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  train_step = jit_train_step(job.sums_fn, job.tx, tc.grad_accum_steps, state_shardings, mesh)
   eval_step = jax.jit(make_eval_step(job.sums_fn),
                       in_shardings=(state_shardings.params, partitioning.batch_sharding(mesh)),
                       out_shardings=replicated)

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (axes.MLP, 'tensor'),
     (axes.POSITION, None),
     (axes.CLASSES, None),
+    (axes.LAYERS, None),  # every device holds all layers of its shards
 )
 
 

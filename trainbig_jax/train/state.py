@@ -70,21 +70,37 @@ def create_sharded_state(
   leaf whose path ends with a parameter's path and has its shape (Adam moments, pruning
   masks, ...) is sharded like that parameter, anything else (counters) is replicated.
   """
-  param_shardings = params_shardings(init_params, mesh)
-
-  def fresh_state(rng):
-    params = nn.meta.unbox(init_params(rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(fresh_state, rng)
-  shardings = TrainState(
-      step=NamedSharding(mesh, P()), params=param_shardings,
-      opt_state=_follow_param_shardings(abstract.opt_state, abstract.params, param_shardings,
-                                        NamedSharding(mesh, P())))
+  fresh_state = _fresh_state_fn(init_params, tx)
+  shardings = abstract_sharded_state(init_params, tx, mesh)[1]
   init = jax.jit(fresh_state, out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
     state = init(rng)
   return state, shardings
+
+
+def _fresh_state_fn(init_params, tx):
+  def fresh_state(rng):
+    params = nn.meta.unbox(init_params(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return fresh_state
+
+
+def abstract_sharded_state(
+    init_params: Callable[[jax.Array], PyTree],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[TrainState, PyTree]:
+  """(state of ShapeDtypeStructs carrying their shardings, the shardings), allocating nothing.
+
+  What `create_sharded_state` would create; memory planning compiles against it.
+  """
+  param_shardings = params_shardings(init_params, mesh)
+  abstract = jax.eval_shape(_fresh_state_fn(init_params, tx), jax.random.key(0))
+  shardings = TrainState(
+      step=NamedSharding(mesh, P()), params=param_shardings,
+      opt_state=_follow_param_shardings(abstract.opt_state, abstract.params, param_shardings,
+                                        NamedSharding(mesh, P())))
+  return abstract_state(shardings, abstract), shardings
 
 
 def params_shardings(init_params: Callable[[jax.Array], PyTree], mesh: Mesh) -> PyTree:
