@@ -28,6 +28,7 @@ from trainbig_jax.compress.checkpoints import compress_checkpoint, load_checkpoi
 from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.models.encoder import Encoder, encoder_config
+from trainbig_jax.models.layout import LAYER_KERNELS, flatten_with_paths
 
 ROBERTA_VOCAB = 50265
 
@@ -53,7 +54,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def transform_timings(out_dir: str) -> None:
   params = roberta_base_params()
   total = sum(x.size for x in jax.tree.leaves(params))
-  leaves = dict(prune.flatten_with_paths(params)[0])
+  leaves = dict(flatten_with_paths(params)[0])
   prunable = sum(leaves[p].size for p in prune.prunable_paths(params))
   print(f'RoBERTa-base-sized tree: {total / 1e6:.1f} M params, {prunable / 1e6:.1f} M prunable')
   rows = []
@@ -76,12 +77,12 @@ def transform_timings(out_dir: str) -> None:
     del qtree
 
   # Layer kernels only by default: the 38.6 M-entry embedding stays fp32 unless included.
-  all_matrices = (*prune.DEFAULT_INCLUDE, r'embedding$')
-  configs = [('int8', None, dict(bits=8), prune.DEFAULT_INCLUDE),
-             ('int4', None, dict(bits=4), prune.DEFAULT_INCLUDE),
+  all_matrices = (*LAYER_KERNELS, r'embedding$')
+  configs = [('int8', None, dict(bits=8), LAYER_KERNELS),
+             ('int4', None, dict(bits=4), LAYER_KERNELS),
              ('int4 + embeddings', None, dict(bits=4), all_matrices),
-             ('global 90% + int4', masks['global', 0.9], dict(bits=4), prune.DEFAULT_INCLUDE),
-             ('layer 50% fp32', masks['layer', 0.5], None, prune.DEFAULT_INCLUDE)]
+             ('global 90% + int4', masks['global', 0.9], dict(bits=4), LAYER_KERNELS),
+             ('layer 50% fp32', masks['layer', 0.5], None, LAYER_KERNELS)]
   for i, (label, config_masks, quant_config, include) in enumerate(configs):
     seconds, compressed = timed(lambda: storage.compress_tree(params, config_masks, quant_config,
                                                               include=include))
@@ -107,7 +108,7 @@ def transform_timings(out_dir: str) -> None:
 def eval_throughput(out_dir: str, preset: str, steps: int) -> None:
   """Dense vs compressed checkpoints of one run through the same compiled evaluation."""
   from trainbig_jax.evaluate import evaluate_checkpoint
-  from trainbig_jax.train.pretrain import pretrain
+  from trainbig_jax.tasks.mlm import pretrain
   config = pretrain_configs.get_config(preset)
   config.data.vocab_size, config.data.seq_len, config.model.max_len = 8000, 128, 130
   config.data.num_eval_batches = 4

@@ -21,3 +21,16 @@ def data_dir(tmp_path_factory):
     os.environ.pop('TRAINBIG_DATA_DIR', None)
   else:
     os.environ['TRAINBIG_DATA_DIR'] = old
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, data_dir):
+  """A finished 8-step tiny pretraining run, checkpoints at steps 4 and 8; copy before changing."""
+  from trainbig_jax.configs import pretrain as pretrain_configs
+  from trainbig_jax.tasks.mlm import pretrain
+  c = pretrain_configs.get_config('tiny')
+  c.train.update(dict(total_steps=8, checkpoint_every=4, eval_every=4, log_every=1,
+                      keep_checkpoints=5))
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  pretrain(c, workdir)
+  return workdir

@@ -21,7 +21,7 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.train import checkpoint
 from trainbig_jax.train.metrics import read_metrics
-from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.tasks.mlm import pretrain
 
 REPO = Path(__file__).parents[1]
 EVAL_KEYS = {'eval_loss', 'eval_accuracy', 'total_params', 'nonzero_params', 'stored_bytes',
@@ -177,6 +177,7 @@ def assert_nothing_written(out):
     ({'prune.sparsity': -0.1}, r'prune.sparsity=-0.1 is invalid'),
     ({'quant.bits': 1}, r'bits must be an integer in 2..8, got 1'),
     ({'quant.bits': 9}, r'bits must be an integer in 2..8, got 9'),
+    ({'quant.bits': 0}, r'got 0 \(32: not quantized\)'),
     ({'quant.include': ('no_such_layer/kernel$',)}, r"'no_such_layer/kernel\$' matches no"),
     ({'prune.include': ('no_such_layer/kernel$',)}, r"'no_such_layer/kernel\$' matches no"),
 ])

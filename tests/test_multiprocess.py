@@ -128,7 +128,8 @@ def test_distributed_settings_from_env():
   env = {'TRAINBIG_COORDINATOR': '10.0.0.1:1234', 'TRAINBIG_NUM_PROCESSES': '4',
          'TRAINBIG_PROCESS_ID': '3'}
   assert distributed.settings_from_env(env) == {
-      'coordinator_address': '10.0.0.1:1234', 'num_processes': 4, 'process_id': 3}
+      'coordinator_address': '10.0.0.1:1234', 'num_processes': 4, 'process_id': 3,
+      'heartbeat_timeout_seconds': distributed.HEARTBEAT_TIMEOUT_S}
   assert distributed.settings_from_env({}) is None
   for bad, match in [({'TRAINBIG_PROCESS_ID': '4'}, r'must be in \[0, 4\)'),
                      ({'TRAINBIG_COORDINATOR': '10.0.0.1'}, 'expected host:port'),

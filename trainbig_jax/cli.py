@@ -4,10 +4,12 @@
   trainbig finetune  --config=configs/finetune.py:demo --init_checkpoint=RUN --workdir=DIR
   trainbig compress  --checkpoint=RUN --config=configs/compress.py:PRESET --out=DIR
   trainbig eval      --checkpoint=RUN_OR_COMPRESSED [--json]
+  trainbig translate --checkpoint=RUN_OR_COMPRESSED --input=FILE|- [--output=FILE]
   trainbig sweep     --config=configs/sweep.py:demo --workdir=DIR
   trainbig report    --sweep=DIR
   trainbig plan      --sweep=DIR --train_budget_s=T --serve_budget_mb=M
   trainbig demo      [--workdir=DIR]
+  trainbig prepare   --dataset=NAME [--dataset=NAME ...] [--data_dir=DIR]
 
 Errors a user can cause end in one line on stderr and exit status 2; set TRAINBIG_DEBUG=1
 for the full traceback.
@@ -33,11 +35,18 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
+_INPUT = flags.DEFINE_string('input', None, 'Text to translate, one sentence a line; - is stdin.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Where translations go (default: stdout).')
+_DATASET = flags.DEFINE_multi_string('dataset', None, 'A TFDS name, files:GLOB or parallel:... '
+                                     'dataset; repeat the flag for several.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data folder (default: $TRAINBIG_DATA_DIR '
+                                'or ~/.cache/trainbig_jax/tfds).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
 
-COMMANDS = ('train', 'finetune', 'compress', 'eval', 'sweep', 'report', 'plan', 'demo')
+COMMANDS = ('train', 'finetune', 'compress', 'eval', 'translate', 'sweep', 'report', 'plan',
+            'demo', 'prepare')
 
 
 class UsageError(ValueError):
@@ -51,26 +60,29 @@ def _need(flag, name: str, command: str):
 
 
 def _train(command: str) -> None:
-  from trainbig_jax.train.pretrain import pretrain
+  from trainbig_jax import tasks
   config = _need(_CONFIG, 'config', command)
-  _print_summary(command, pretrain(config, _need(_WORKDIR, 'workdir', command)))
+  summary = tasks.task_of(config).train(config, _need(_WORKDIR, 'workdir', command),
+                                        init_checkpoint=_INIT_CHECKPOINT.value)
+  _print_summary(command, summary)
 
 
 def _print_summary(command: str, summary) -> None:
   if _JSON.value:
     print(json.dumps(summary.__dict__))
     return
-  evaluated = ('' if summary.eval_loss is None else
-               f'; eval_loss {summary.eval_loss:.4f}, eval_accuracy {summary.eval_accuracy:.4f}')
+  metrics = ', '.join(f'{name} {value:.4f}' for name, value in summary.metrics.items())
+  evaluated = f'; {metrics}' if metrics else ''
   print(f'{command}: stopped by {summary.stopped_by} at step {summary.step} after '
         f'{summary.wall_time_s:.1f}s of training{evaluated}')
 
 
 def _finetune(command: str) -> None:
-  from trainbig_jax.train.finetune import finetune
-  summary = finetune(_need(_CONFIG, 'config', command),
-                     _need(_INIT_CHECKPOINT, 'init_checkpoint', command),
-                     _need(_WORKDIR, 'workdir', command))
+  from trainbig_jax import tasks
+  config = _need(_CONFIG, 'config', command)
+  summary = tasks.task_of(config).train(config, _need(_WORKDIR, 'workdir', command),
+                                        init_checkpoint=_need(_INIT_CHECKPOINT,
+                                                              'init_checkpoint', command))
   _print_summary(command, summary)
 
 
@@ -95,6 +107,12 @@ def _eval(command: str) -> None:
   for key, value in result.items():
     print(f'{key:>18}: {value:,.4f}' if isinstance(value, float) else
           f'{key:>18}: {value:,}' if isinstance(value, int) else f'{key:>18}: {value}')
+
+
+def _translate(command: str) -> None:
+  from trainbig_jax.translator import translate_file
+  translate_file(_need(_CHECKPOINT, 'checkpoint', command), _need(_INPUT, 'input', command),
+                 _OUTPUT.value)
 
 
 def _sweep(command: str) -> None:
@@ -138,12 +156,22 @@ def _demo(command: str) -> None:
   print(f'demo: report in {report}')
 
 
+def _prepare(command: str) -> None:
+  from trainbig_jax.data import sources
+  names = _need(_DATASET, 'dataset', command)
+  for name, builder in zip(names, sources.download_and_prepare(names, _DATA_DIR.value)):
+    splits = ', '.join(f'{s} {info.num_examples:,}'
+                       for s, info in sorted(builder.info.splits.items()))
+    print(f'prepare: {name} ready in {builder.data_dir} ({splits} examples)')
+
+
 def _progress_line(message: str) -> None:
   print(message, flush=True)
 
 
 HANDLERS = {'train': _train, 'finetune': _finetune, 'compress': _compress, 'eval': _eval,
-            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo}
+            'sweep': _sweep, 'report': _report, 'plan': _plan, 'demo': _demo,
+            'translate': _translate, 'prepare': _prepare}
 
 
 def _dispatch(argv: list[str]) -> None:
@@ -152,6 +180,9 @@ def _dispatch(argv: list[str]) -> None:
     raise UsageError(f'Unknown command {given!r}; allowed: {", ".join(COMMANDS)}.')
   if len(argv) > 2:
     raise UsageError(f'Unexpected arguments {argv[2:]}; options are given as --name=value.')
+  if _WORKDIR.value is not None:
+    from trainbig_jax.train.runlock import check_folder_path
+    check_folder_path(_WORKDIR.value)
   HANDLERS[argv[1]](argv[1])
 
 
@@ -168,7 +199,7 @@ def _main(argv: list[str]) -> None:
     # Before any other JAX call: the runtime's device list is fixed by the first one.
     distributed.initialize(auto_detect=_DISTRIBUTED.value)
     _dispatch(argv)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (ValueError, OSError, KeyError) as e:  # OSError: a missing, unwritable or full path
     if os.environ.get('TRAINBIG_DEBUG'):
       raise
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -184,15 +215,24 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if _CONFIG.present:
       _CONFIG.value.keys()  # config_flags defers a load failure until first use
     return remaining
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
-    print(f'trainbig: error: --config: {_config_error_message(e)}', file=sys.stderr)
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, SyntaxError) as e:
+    given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    path = given[-1].split(':')[0] if given else 'the config file'
+    print(f'trainbig: error: --config: {_config_error_message(e, path)}', file=sys.stderr)
     sys.exit(2)
 
 
-def _config_error_message(e: BaseException) -> str:
+def _config_error_message(e: BaseException, config_path: str = 'the config file') -> str:
   chain = [e]
   while (chain[-1].__cause__ or chain[-1].__context__) is not None:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  syntax = next((c for c in chain if isinstance(c, SyntaxError)), None)
+  if syntax is not None:  # not a Python file at all (YAML, JSON, binary, ...)
+    where = f' at line {syntax.lineno}' if syntax.lineno else ''
+    return (f'{syntax.filename or config_path} is not a Python config file: {syntax.msg}'
+            f'{where}; give a .py file with get_config(preset).')
+  if isinstance(chain[0], AttributeError) and 'get_config' in str(chain[0]):
+    return f'{config_path} has no get_config(preset) function.'
   if isinstance(chain[0], (AttributeError, KeyError)):  # an override naming no field
     text = str(chain[0]).encode().decode('unicode_escape').replace("'", '')
     return 'no such field: ' + ' '.join(l.strip() for l in text.splitlines() if l.strip())

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from trainbig_jax.compress import prune, quantize, storage
+from trainbig_jax.models.layout import flatten_with_paths
 from trainbig_jax.train import checkpoint
 
 COMPRESSED_DIR = 'compressed'
@@ -42,8 +43,7 @@ def check_compress_config(c: ml_collections.ConfigDict) -> None:
   if c.prune.scope not in prune.SCOPES:
     raise ValueError(f'prune.scope={c.prune.scope!r} is invalid; allowed: '
                      f'{", ".join(prune.SCOPES)}.')
-  if c.quant.bits != 0:
-    quantize.check_bits(c.quant.bits)
+  quantize.check_setting_bits(c.quant.bits)
   if c.quant.granularity not in GRANULARITIES:
     raise ValueError(f'quant.granularity={c.quant.granularity!r} is invalid; allowed: '
                      f'{", ".join(GRANULARITIES)}.')
@@ -70,7 +70,7 @@ def compress_params(params: Any, c: ml_collections.ConfigDict, num_heads: int
   check_compress_config(c)
   masks = pruning_masks(params, c, num_heads)
   quant = None
-  if c.quant.bits:
+  if c.quant.bits != quantize.FLOAT_BITS:
     quant = dict(bits=c.quant.bits, symmetric=c.quant.symmetric,
                  per_channel=c.quant.granularity == 'per_channel')
   # Selecting what to quantize also validates the patterns (a pattern matching nothing fails).
@@ -122,7 +122,7 @@ def compress_checkpoint(run_dir: str | os.PathLike, c: ml_collections.ConfigDict
 
 def _nonzero_counts(params: Any, c: ml_collections.ConfigDict) -> dict[str, Any]:
   """Nonzero weights overall and within the selected (prunable) matrices."""
-  leaves = dict(prune.flatten_with_paths(params)[0])
+  leaves = dict(flatten_with_paths(params)[0])
   selected = prune.select_paths(list(leaves), tuple(c.prune.include), tuple(c.prune.exclude))
   count = lambda names: sum(int(np.count_nonzero(leaves[n])) for n in names)
   size = lambda names: sum(int(np.size(leaves[n])) for n in names)
@@ -138,6 +138,6 @@ def load_checkpoint_params(path: str | os.PathLike) -> tuple[Any, dict[str, Any]
     facts['stored_bytes'] = facts.pop('compressed_bytes')
     return params, facts
   params = checkpoint.restore_params(path)
-  dense_bytes = sum(4 * int(np.size(x)) for _, x in prune.flatten_with_paths(params)[0])
+  dense_bytes = sum(4 * int(np.size(x)) for _, x in flatten_with_paths(params)[0])
   return params, {'checkpoint_kind': 'dense', 'stored_bytes': dense_bytes,
                   'dense_fp32_bytes': dense_bytes}

@@ -14,18 +14,17 @@ Parameters are selected by regexes searched in '/'-joined key paths such as
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trainbig_jax.models.layout import LAYER_KERNELS, flatten_with_paths, path_str
+
 PyTree = Any
 
-# Every dense kernel inside the transformer layers; embeddings, biases, LayerNorm
-# and the heads stay dense unless a caller includes them.
-DEFAULT_INCLUDE: tuple[str, ...] = (r'layers_\d+/.*/kernel$',)
 SCOPES = ('layer', 'global')
 
 # Bit pattern of +inf: the largest key a (NaN-free) magnitude can have.
@@ -35,19 +34,6 @@ _BISECTION_ROUNDS = 31
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-  """'/'-joined key names of a `jax.tree_util` key path ('layers_0/mlp/wi/kernel')."""
-  return jax.tree_util.keystr(tuple(key_path), simple=True, separator='/')
-
-
-def flatten_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None
-                       ) -> tuple[list[tuple[str, Any]], Any]:
-  """(path, leaf) pairs in tree order plus the treedef to rebuild the tree."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [(path_str(kp), leaf) for kp, leaf in flat], treedef
-
 
 def _as_patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
   # A bare string is one pattern, not an iterable of one-character patterns.
@@ -75,7 +61,7 @@ def select_paths(paths: Sequence[str], include: str | Iterable[str],
           if any(re.search(i, p) for i in include) and not any(re.search(e, p) for e in exclude)]
 
 
-def prunable_paths(params: PyTree, include: str | Iterable[str] = DEFAULT_INCLUDE,
+def prunable_paths(params: PyTree, include: str | Iterable[str] = LAYER_KERNELS,
                    exclude: str | Iterable[str] = ()) -> list[str]:
   """Paths of the parameters selected for pruning, in tree order."""
   named_leaves, _ = flatten_with_paths(params)
@@ -201,7 +187,7 @@ def _masks_for_sparsity(arrays: Sequence[jax.Array], sparsity: jax.Array, scope:
 
 
 def magnitude_masks(params: PyTree, sparsity: float, *, scope: str = 'layer',
-                    include: str | Iterable[str] = DEFAULT_INCLUDE,
+                    include: str | Iterable[str] = LAYER_KERNELS,
                     exclude: str | Iterable[str] = ()) -> PyTree:
   """Keep-masks that prune the smallest-magnitude weights to an exact sparsity.
 
@@ -295,7 +281,7 @@ class PruningState(NamedTuple):
 
 def gradual_magnitude_pruning(final_sparsity: float, begin_step: int, end_step: int, *,
                               update_every: int = 1, scope: str = 'layer',
-                              include: str | Iterable[str] = DEFAULT_INCLUDE,
+                              include: str | Iterable[str] = LAYER_KERNELS,
                               exclude: str | Iterable[str] = (),
                               initial_sparsity: float = 0.0) -> optax.GradientTransformation:
   """optax transformation for Zhu & Gupta gradual magnitude pruning; chain it LAST.
@@ -407,6 +393,15 @@ def _lowest_scores(scores: np.ndarray, num_pruned: int) -> np.ndarray:
   return pruned
 
 
+def _check_keeps_one(fraction: float, units: int, what: str, block: str) -> None:
+  """Structured pruning must leave a block at least one unit: none left would cut it out."""
+  if round(fraction * units) >= units:
+    below = (units - 0.5) / units
+    raise ValueError(f'Pruning {fraction:g} of the {units} {what} of {block} would remove '
+                     f'all of them; use a sparsity below {below:g} (at most {units - 1} of '
+                     f'{units} removed).')
+
+
 def head_masks(params: PyTree, num_heads: int, fraction: float, *,
                include: str | Iterable[str] = (r'.',), exclude: str | Iterable[str] = (),
                names: tuple[str, str, str, str] = ('query', 'key', 'value', 'out')) -> PyTree:
@@ -436,6 +431,7 @@ def head_masks(params: PyTree, num_heads: int, fraction: float, *,
                   for k in heads_in.values())
     squared += np.square(out_kernel.reshape(num_heads, -1, out_kernel.shape[-1]),
                          dtype=np.float64).sum((1, 2))
+    _check_keeps_one(fraction, num_heads, 'heads', f'{block} (attention)')
     keep_head = ~_lowest_scores(np.sqrt(squared), round(fraction * num_heads))
     for name, kernel in heads_in.items():
       per_head = kernel.reshape(kernel.shape[0], num_heads, -1)
@@ -473,6 +469,7 @@ def neuron_masks(params: PyTree, fraction: float, *,
       raise ValueError(f'{block}: expected wi [D, F] and wo [F, D] kernels, got {wi.shape} and '
                        f'{wo.shape}.')
     squared = np.square(wi, dtype=np.float64).sum(0) + np.square(wo, dtype=np.float64).sum(1)
+    _check_keeps_one(fraction, wi.shape[1], 'neurons', f'{block} (MLP)')
     keep = ~_lowest_scores(np.sqrt(squared), round(fraction * wi.shape[1]))
     masks[f'{block}/{wi_name}/kernel'] = jnp.asarray(np.broadcast_to(keep[None, :], wi.shape))
     masks[f'{block}/{wo_name}/kernel'] = jnp.asarray(np.broadcast_to(keep[:, None], wo.shape))

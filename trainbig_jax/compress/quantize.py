@@ -15,14 +15,15 @@ are always quantized per tensor: one scale per element would cost more than it s
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainbig_jax.compress.prune import DEFAULT_INCLUDE, flatten_with_paths, select_paths
+from trainbig_jax.compress.prune import select_paths
+from trainbig_jax.models.layout import LAYER_KERNELS, flatten_with_paths
 
 PyTree = Any
 MIN_BITS, MAX_BITS = 2, 8
@@ -54,6 +55,21 @@ class QuantizedTensor:
   @property
   def per_channel(self) -> bool:
     return self.channel_axis is not None
+
+
+# "Not quantized" everywhere (compress and QAT configs, sweep cells, results rows): the
+# weights keep their 32-bit float width.
+FLOAT_BITS = 32
+
+
+def check_setting_bits(bits: Any) -> int:
+  """A config's bit width: FLOAT_BITS (not quantized) or a width check_bits accepts."""
+  if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits == FLOAT_BITS:
+    return FLOAT_BITS
+  try:
+    return check_bits(bits)
+  except ValueError as e:
+    raise ValueError(f'{str(e).rstrip(".")} ({FLOAT_BITS}: not quantized).') from None
 
 
 def check_bits(bits: Any) -> int:
@@ -145,7 +161,7 @@ def _map_selected(fn, params: PyTree, include, exclude) -> PyTree:
 
 
 def quantize_tree(params: PyTree, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                  channel_axis: int = -1, include: str | Iterable[str] = DEFAULT_INCLUDE,
+                  channel_axis: int = -1, include: str | Iterable[str] = LAYER_KERNELS,
                   exclude: str | Iterable[str] = ()) -> PyTree:
   """params with a QuantizedTensor at every selected leaf (default: layer kernels)."""
   bits = check_bits(bits)
@@ -179,10 +195,25 @@ def fake_quant(x: jax.Array, bits: int, *, symmetric: bool = True, per_channel: 
 
 def fake_quant_tree(params: PyTree, bits: int, *, symmetric: bool = True,
                     per_channel: bool = True, channel_axis: int = -1,
-                    include: str | Iterable[str] = DEFAULT_INCLUDE,
+                    include: str | Iterable[str] = LAYER_KERNELS,
                     exclude: str | Iterable[str] = ()) -> PyTree:
   """fake_quant on the selected leaves (for quantization-aware training); others unchanged."""
   bits = check_bits(bits)
   return _map_selected(functools.partial(fake_quant, bits=bits, symmetric=symmetric,
                                          per_channel=per_channel, channel_axis=channel_axis),
                        params, include, exclude)
+
+
+def qat_sums(sums_fn: Callable[..., Any], qat: Any) -> Callable[..., Any]:
+  """Quantization-aware training: a task's sums computed with fake-quantized weights.
+
+  `qat` is a config section with bits, symmetric, per_channel, include and exclude; the
+  gradient passes straight through the rounding, so evaluation of the same function reports
+  the quantized model's metrics.
+  """
+  def sums(params, batch, rng, train):
+    quantized = fake_quant_tree(params, qat.bits, symmetric=qat.symmetric,
+                                per_channel=qat.per_channel, include=tuple(qat.include),
+                                exclude=tuple(qat.exclude))
+    return sums_fn(quantized, batch, rng, train)
+  return sums

@@ -15,18 +15,22 @@ entries (first delta = first index) in the narrowest unsigned dtype that holds t
 largest gap ('delta_uint8' | 'delta_uint16' | 'delta_uint32').
 
 On disk (`save_compressed`):
-  <directory>/manifest.json   format, version, per-leaf entries, totals, user extra
+  <directory>/manifest.json   format, version, per-leaf entries (each payload array's dtype,
+                              shape, bytes and the SHA-256 of its bytes), totals, user extra
   <directory>/arrays/         an Orbax StandardCheckpointer checkpoint of the payload
                               arrays, nested like the params: <path>/{values,mask,scale,
                               zero_point}; zero-size arrays are not written (Orbax
                               refuses them) and are rebuilt from the manifest.
 The directory appears atomically (built in a temporary sibling, then renamed), so a
-directory with no manifest.json is never a finished checkpoint.
+directory with no manifest.json is never a finished checkpoint. Loading checks every payload
+array against its SHA-256 in the manifest, so altered bytes never evaluate silently (format
+version 1, written before checksums, is still read, unchecked).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -37,12 +41,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from trainbig_jax.compress.prune import DEFAULT_INCLUDE, masks_by_path, select_paths
+from trainbig_jax.compress.prune import masks_by_path, select_paths
 from trainbig_jax.compress.quantize import QuantizedTensor, check_bits, dequantize, quantize
+from trainbig_jax.models.layout import LAYER_KERNELS, path_str
+from trainbig_jax.train import checkpoint
 
 PyTree = Any
 FORMAT_NAME = 'trainbig_jax.compressed_params'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: payload checksums in the manifest
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = 'manifest.json'
 ARRAYS_DIR = 'arrays'
 # Pack in chunks of this many codes (a multiple of 8) to bound the uint64 scratch memory.
@@ -151,8 +158,13 @@ class CompressedParams:
   leaves: dict[str, dict[str, Any]]
 
 
+def _sha256(array: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def _array_info(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-  return {name: dict(dtype=a.dtype.name, shape=list(a.shape), nbytes=int(a.nbytes))
+  return {name: dict(dtype=a.dtype.name, shape=list(a.shape), nbytes=int(a.nbytes),
+                     sha256=_sha256(a))
           for name, a in arrays.items()}
 
 
@@ -177,7 +189,7 @@ def _named_leaves(params: PyTree) -> dict[str, Any]:
     if not all(isinstance(n, str) and n and '/' not in n for n in names):
       raise ValueError(f'compress_tree needs nested dicts with non-empty string keys without "/"; '
                        f'got key path {jax.tree_util.keystr(key_path)}.')
-    named['/'.join(names)] = leaf
+    named[path_str(key_path)] = leaf
   return named
 
 
@@ -202,7 +214,7 @@ def _encode_codes(q: QuantizedTensor, mask: np.ndarray | None) -> dict[str, np.n
 
 def compress_tree(params: PyTree, masks: PyTree | None = None,
                   quant: Mapping[str, Any] | None = None, *,
-                  include: str | Iterable[str] = DEFAULT_INCLUDE,
+                  include: str | Iterable[str] = LAYER_KERNELS,
                   exclude: str | Iterable[str] = ()) -> CompressedParams:
   """Encodes a param tree (nested dicts) for storage.
 
@@ -367,10 +379,13 @@ def _read_manifest(directory: str) -> dict[str, Any]:
       manifest = json.load(f)
   except (OSError, ValueError) as err:
     raise CompressedCheckpointError(f'Cannot read {manifest_path}: {err}.') from None
-  if manifest.get('format') != FORMAT_NAME or manifest.get('format_version') != FORMAT_VERSION:
+  if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT_NAME
+      or manifest.get('format_version') not in READABLE_VERSIONS):
+    manifest = manifest if isinstance(manifest, dict) else {}
     raise CompressedCheckpointError(
         f'{manifest_path} is format {manifest.get("format")!r} version '
-        f'{manifest.get("format_version")!r}; expected {FORMAT_NAME!r} version {FORMAT_VERSION}.')
+        f'{manifest.get("format_version")!r}; expected {FORMAT_NAME!r} version '
+        f'{" or ".join(map(str, READABLE_VERSIONS))}.')
   return manifest
 
 
@@ -380,8 +395,10 @@ def _read_payload(directory: str, manifest: Mapping[str, Any]) -> dict[str, dict
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(arrays_dir)
   except Exception as err:  # Orbax raises many types; the user needs one message.
+    checkpoint.ignore_abandoned_reads()
     raise CompressedCheckpointError(f'Cannot read the arrays of compressed checkpoint '
-                                    f'{directory}: {err}') from err
+                                    f'{arrays_dir}: {checkpoint.failure_gist(err)}') from None
+  checked = manifest['format_version'] >= 2
   payload = {}
   for entry in manifest['leaves']:
     node = restored
@@ -400,6 +417,10 @@ def _read_payload(directory: str, manifest: Mapping[str, Any]) -> dict[str, dict
         raise CompressedCheckpointError(
             f'Array {name!r} of {entry["path"]!r} in {directory} is {array.dtype}{array.shape}, '
             f'the manifest says {info["dtype"]}{tuple(info["shape"])}.')
+      if checked and info.get('sha256') != _sha256(array):
+        raise CompressedCheckpointError(
+            f'Array {name!r} of {entry["path"]!r} in {arrays_dir} does not match its checksum '
+            f'in {os.path.join(directory, MANIFEST_FILE)}: the file was altered or damaged.')
       leaf_arrays[name] = array
     payload[entry['path']] = leaf_arrays
   return payload

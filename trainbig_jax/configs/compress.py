@@ -19,9 +19,10 @@ import re
 
 import ml_collections
 
+from trainbig_jax.models.layout import LAYER_KERNELS
+
 SPARSITY_GRID = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90)
 BITS_GRID = (8, 6, 4, 3, 2)
-LAYER_KERNELS = (r'layers_\d+/.*/kernel$',)
 
 _PRESET = re.compile(
     r'^(?:dense|(?:(?P<kind>prune|heads|neurons)(?P<sparsity>\d+)(?P<global>_global)?)?'
@@ -38,7 +39,7 @@ def get_config(preset: str = 'prune50_int4') -> ml_collections.ConfigDict:
   c.prune.include = LAYER_KERNELS
   c.prune.exclude = ()
   c.quant = ml_collections.ConfigDict()
-  c.quant.bits = 0  # 0: no quantization; 2..8 bits otherwise
+  c.quant.bits = 32  # 32: not quantized (float32); 2..8 bits otherwise
   c.quant.symmetric = True
   c.quant.granularity = 'per_channel'  # 'per_channel' (output channel) | 'per_tensor'
   c.quant.include = LAYER_KERNELS

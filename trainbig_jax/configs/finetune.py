@@ -10,19 +10,23 @@ Presets:
   demo               the embedded sentiment set (rotten_tomatoes); minutes on 2 CPU cores.
   demo_prune50       demo with gradual magnitude pruning to 50% during fine-tuning.
   demo_qat4          demo with 4-bit quantization-aware fine-tuning.
-  sst2, mnli         GLUE through TFDS (prepare them once as array_record).
+  sst2, mnli         GLUE through TFDS (prepare once: trainbig prepare --dataset=glue/sst2
+                     --dataset=glue/mnli); MNLI needs validation_matched and _mismatched.
+Your own labelled files: --config.task='files:/path/*.csv' (see data/classification.get_task).
 """
 
 import ml_collections
 
 from trainbig_jax.configs import pretrain
+from trainbig_jax.models.layout import LAYER_KERNELS
 
 
 def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
+  c.task_kind = 'classify'  # trainbig_jax.tasks registry name
   c.seed = 0
-  c.task = 'rotten_tomatoes'  # see trainbig_jax.data.classification.TASKS
+  c.task = 'rotten_tomatoes'  # see trainbig_jax.data.classification.TASKS, or 'files:GLOB'
   c.max_len = 64  # tokens per example, <s> and </s> included
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.model = ml_collections.ConfigDict({'dropout': 0.1, 'attention_dropout': 0.1})
@@ -45,13 +49,13 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c.compression.prune.end_frac = 0.6
   c.compression.prune.update_every = 10
   c.compression.prune.scope = 'layer'  # 'layer' | 'global'
-  c.compression.prune.include = (r'layers_\d+/.*/kernel$',)
+  c.compression.prune.include = LAYER_KERNELS
   c.compression.prune.exclude = ()
   c.compression.qat = ml_collections.ConfigDict()
-  c.compression.qat.bits = 0  # 2..8 turns quantization-aware training on; 0 is off
+  c.compression.qat.bits = 32  # 2..8 turns quantization-aware training on; 32 (float) is off
   c.compression.qat.symmetric = True
   c.compression.qat.per_channel = True
-  c.compression.qat.include = (r'layers_\d+/.*/kernel$',)
+  c.compression.qat.include = LAYER_KERNELS
   c.compression.qat.exclude = ()
 
   base, _, variant = preset.partition('_')

@@ -9,6 +9,12 @@ Presets:
   depth{3,6,12,18,24}   the paper's depth grid at hidden 768.
   width{256,512,768,1024,1536}  the paper's width grid at 6 layers... see WIDTH_GRID_LAYERS.
   roberta_base, roberta_large.
+The paper-scale presets (depth*, width*, roberta_*) read English Wikipedia (PAPER_CORPUS; prepare it
+once with `trainbig prepare --dataset=wikipedia/20230601.en`), holding out its first
+PAPER_EVAL_ARTICLES articles for evaluation. TFDS has no BookCorpus and a run reads one
+dataset: for Wikipedia plus books, or any text of your own, use
+--config.data.dataset='files:/path/to/*.txt' --config.data.train_split=train
+--config.data.eval_split=validation.
 """
 
 import ml_collections
@@ -18,18 +24,23 @@ import ml_collections
 WIDTH_GRID_LAYERS = 6
 DEPTH_GRID = (3, 6, 12, 18, 24)
 WIDTH_GRID = (256, 512, 768, 1024, 1536)
+# RoBERTa's corpus was Wikipedia + books; Wikipedia is the part TFDS prepares. It has only a
+# 'train' split, so evaluation takes its first articles, training the rest.
+PAPER_CORPUS = 'wikipedia/20230601.en'
+PAPER_EVAL_ARTICLES = 10_000
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field a pretraining run reads, with RoBERTa-base-like defaults."""
   c = ml_collections.ConfigDict()
   c.preset = 'custom'
+  c.task_kind = 'mlm'  # trainbig_jax.tasks registry name
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
   # 'trainbig_sotu' is the embedded corpus; any TFDS text dataset prepared as array_record
   # (e.g. 'wikipedia/20230601.en') goes through the same code.
-  c.data.dataset = 'trainbig_sotu'
+  c.data.dataset = 'trainbig_sotu'  # or 'files:/path/*.txt' (data/user_files.py)
   c.data.text_key = 'text'
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
@@ -74,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_s = 0.0  # also evaluate every this many seconds of training (0: off)
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
+  # Non-finite steps (loss, gradient norm or update) skipped in a row before the run stops;
+  # 0 stops at the first. A skipped step keeps the parameters and moves on to the next batch.
+  c.train.max_nonfinite_skips = 0
 
   c.mesh = ml_collections.ConfigDict()
   # Sizes of the ('data', 'fsdp', 'tensor') mesh axes; -1 takes the remaining devices.
@@ -81,7 +95,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _size(c, layers, hidden, heads=None):
+def _paper_corpus(c):
+  c.data.dataset = PAPER_CORPUS
+  c.data.train_split = f'train[{PAPER_EVAL_ARTICLES}:]'
+  c.data.eval_split = f'train[:{PAPER_EVAL_ARTICLES}]'
+  return c
+
+
+def set_size(c: ml_collections.ConfigDict, layers: int, hidden: int, heads: int | None = None
+             ) -> ml_collections.ConfigDict:
+  """The one size rule: heads = hidden // 64 (at least 1) unless given, MLP 4 x hidden."""
   c.model.num_layers = layers
   c.model.hidden = hidden
   c.model.num_heads = heads or max(1, hidden // 64)
@@ -93,7 +116,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c = base_config()
   c.preset = preset
   if preset == 'tiny':
-    _size(c, 2, 32, heads=2)
+    set_size(c, 2, 32, heads=2)
     c.data.vocab_size = 512
     c.data.seq_len = 32
     c.data.tokenizer_max_chars = 2_000_000
@@ -108,7 +131,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.train.eval_every = 10
     c.train.checkpoint_every = 10
   elif preset == 'demo':
-    _size(c, 2, 64, heads=2)
+    set_size(c, 2, 64, heads=2)
     c.data.vocab_size = 2000
     c.data.seq_len = 64
     c.data.tokenizer_max_chars = 4_000_000
@@ -124,13 +147,13 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.checkpoint_every = 200
   elif preset.startswith('depth') and preset[5:].isdigit() and int(preset[5:]) in DEPTH_GRID:
-    _size(c, int(preset[5:]), 768)
+    _paper_corpus(set_size(c, int(preset[5:]), 768))
   elif preset.startswith('width') and preset[5:].isdigit() and int(preset[5:]) in WIDTH_GRID:
-    _size(c, WIDTH_GRID_LAYERS, int(preset[5:]))
+    _paper_corpus(set_size(c, WIDTH_GRID_LAYERS, int(preset[5:])))
   elif preset == 'roberta_base':
-    _size(c, 12, 768)
+    _paper_corpus(set_size(c, 12, 768))
   elif preset == 'roberta_large':
-    _size(c, 24, 1024, heads=16)
+    _paper_corpus(set_size(c, 24, 1024, heads=16))
   else:
     raise ValueError(f'Unknown pretrain preset {preset!r}; allowed: {", ".join(PRESETS)}.')
   return c

@@ -14,23 +14,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from trainbig_jax.data import sources
-
-
-class Tokenizer(Protocol):
-  """What encoding needs from a tokenizer: special ids and text -> piece ids (no specials)."""
-
-  pad_id: int
-  bos_id: int
-  eos_id: int
-
-  def encode(self, text: str) -> list[int]:
-    ...
+from trainbig_jax.data import sources, user_files
+# Encoding uses pad_id, bos_id, eos_id and encode(text) (piece ids without specials).
+from trainbig_jax.data.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +47,40 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(task_name: str) -> TaskSpec:
-  """The spec of `task_name`; one clear error naming the allowed tasks otherwise."""
+# Text columns of a files: task, tried in order when its name has no `?text=` option.
+FILES_TEXT_COLUMNS = (('premise', 'hypothesis'), ('sentence1', 'sentence2'),
+                      ('question', 'sentence'), ('text_a', 'text_b'), ('text',), ('sentence',))
+
+
+def get_task(task_name: str, data_dir: str | None = None) -> TaskSpec:
+  """The spec of `task_name`; one clear error naming the allowed tasks otherwise.
+
+  A `files:GLOB` task (CSV/TSV/JSON lines/Parquet with text and label columns) is prepared
+  into `data_dir` on first use: its classes come from the prepared label column.
+  """
+  if user_files.is_user_files_name(task_name):
+    return _files_task(task_name, data_dir)
   if task_name not in TASKS:
     raise ValueError(f'Unknown classification task {task_name!r}; allowed: '
-                     f'{", ".join(sorted(TASKS))}.')
+                     f'{", ".join(sorted(TASKS))} or files:GLOB.')
   return TASKS[task_name]
+
+
+def _files_task(name: str, data_dir: str | None) -> TaskSpec:
+  spec = user_files.parse_name(name)
+  features = sources.prepare(name, data_dir).info.features
+  label = features[spec.label] if spec.label in features else None
+  if label is None or not hasattr(label, 'num_classes'):
+    raise ValueError(f'Task {name!r} has no label column {spec.label!r}; its columns: '
+                     f'{", ".join(features)} (name another with ?label=COLUMN).')
+  text_keys = user_files.text_columns_option(name) or next(
+      (keys for keys in FILES_TEXT_COLUMNS if all(k in features for k in keys)), None)
+  if text_keys is None or not all(k in features for k in text_keys) or len(text_keys) > 2:
+    raise ValueError(f'Task {name!r} needs one or two text columns among '
+                     f'{", ".join(k for k in features if k != spec.label)}; name them with '
+                     '?text=COLUMN[,COLUMN].')
+  return TaskSpec(name, tuple(text_keys), spec.label, label.num_classes, 'train',
+                  ('validation',))
 
 
 def _truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
@@ -156,7 +175,7 @@ def classification_iterator(
   weight-0 rows; every process yields the same number of batches, so multi-host eval steps
   stay in lockstep. `batch_size` is per process; process i reads examples i::process_count.
   """
-  spec = get_task(task_name)
+  spec = get_task(task_name, data_dir)
   if batch_size < 1:
     raise ValueError(f'batch_size must be a positive integer, got {batch_size}.')
   if not 0 <= process_index < process_count:
@@ -189,7 +208,7 @@ def classification_iterator(
 
 def label_counts(task_name: str, split: str, data_dir: str | None = None) -> dict[int, int]:
   """How many examples of `split` carry each label (unlabelled ones, label < 0, skipped)."""
-  spec = get_task(task_name)
+  spec = get_task(task_name, data_dir)
   source = sources.data_source(spec.dataset, split, data_dir)
   counts: collections.Counter[int] = collections.Counter()
   chunk = 4096  # batched reads: array_record serves a list of keys much faster than one by one

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import shutil
 import string
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 import sentencepiece as spm
 
+from trainbig_jax import files
 from trainbig_jax.data import sources
 
 TOKENIZER_FILENAME = 'tokenizer.model'
@@ -87,9 +87,7 @@ class Tokenizer:
     target = Path(directory) / TOKENIZER_FILENAME
     if target.resolve() != Path(self.path).resolve():
       target.parent.mkdir(parents=True, exist_ok=True)
-      tmp = target.with_name(target.name + '.tmp')
-      shutil.copyfile(self.path, tmp)
-      os.replace(tmp, target)
+      files.atomic_write(target, Path(self.path).read_bytes())
     return str(target)
 
   def __reduce__(self) -> tuple[Any, tuple[str]]:
@@ -122,11 +120,11 @@ def as_text(value: Any) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def _training_lines(source, text_key: str, max_chars: int) -> Iterator[str]:
+def _training_lines(source, text_keys: Sequence[str], max_chars: int) -> Iterator[str]:
   """Non-empty lines of the corpus, in source order, up to `max_chars` characters in all."""
   remaining = max_chars
-  for index in range(len(source)):
-    example = source[index]
+  fields = ((source[index], key) for index in range(len(source)) for key in text_keys)
+  for example, text_key in fields:
     if text_key not in example:
       raise TokenizerError(f'data.text_key={text_key!r} is not a feature of the dataset; it '
                            f'has: {", ".join(sorted(example))}.')
@@ -139,6 +137,14 @@ def _training_lines(source, text_key: str, max_chars: int) -> Iterator[str]:
       yield line
       if remaining <= 0:
         return
+
+
+def _text_keys(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The features a tokenizer trains on: both languages of a translation data config (one
+  shared vocabulary), else `data_config.text_key`."""
+  if 'source_lang' in data_config:
+    return (data_config.source_lang, data_config.target_lang)
+  return (data_config.text_key,)
 
 
 def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os.PathLike,
@@ -174,15 +180,14 @@ def train_tokenizer(lines: Iterator[str], vocab_size: int, output_path: str | os
                          f'{str(e).strip()}') from None
   output_path = Path(output_path)
   output_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = output_path.with_name(output_path.name + '.tmp')
-  tmp.write_bytes(model.getvalue())
-  os.replace(tmp, output_path)
+  files.atomic_write(output_path, model.getvalue())
   return load_tokenizer(output_path)
 
 
 def train_or_load_tokenizer(data_config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   """The run's tokenizer: `data_config.tokenizer_path`, else WORKDIR/tokenizer.model, else a
-  new one trained on the train split of `data_config.dataset` and saved there."""
+  new one trained on the train split of `data_config.dataset` (both languages of a translation
+  config) and saved there."""
   if data_config.tokenizer_path:
     return load_tokenizer(data_config.tokenizer_path)
   path = Path(workdir) / TOKENIZER_FILENAME
@@ -202,6 +207,6 @@ def train_or_load_tokenizer(data_config: ml_collections.ConfigDict, workdir: str
                          'positive.')
   source = sources.data_source(data_config.dataset, data_config.train_split,
                                data_config.data_dir)
-  lines = _training_lines(source, data_config.text_key, data_config.tokenizer_max_chars)
+  lines = _training_lines(source, _text_keys(data_config), data_config.tokenizer_max_chars)
   corpus = f'split {data_config.train_split!r} of dataset {data_config.dataset!r}'
   return train_tokenizer(lines, data_config.vocab_size, path, corpus=corpus)

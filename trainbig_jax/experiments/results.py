@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from trainbig_jax import files
+
 RESULTS_FILE = 'results.jsonl'
 SWEEP_CONFIG_FILE = 'sweep.json'
 
@@ -23,8 +25,12 @@ SWEEP_CONFIG_FILE = 'sweep.json'
 REQUIRED_KEYS = (
     'model', 'layers', 'hidden', 'total_params', 'pretrain_budget_s', 'pretrain_steps',
     'pretrain_wall_s', 'pretrain_eval_loss', 'method', 'sparsity', 'bits', 'nonzero_params',
-    'stored_bytes', 'dense_fp32_bytes', 'accuracy',
+    'stored_bytes', 'dense_fp32_bytes',
 )
+# The quality of a cell: the task's primary metric, its name and direction. Rows from
+# classification sweeps written before these keys existed carry only `accuracy`, which then
+# stands for them (metric_name 'eval_accuracy', higher is better).
+METRIC_KEYS = ('metric', 'metric_name', 'higher_is_better')
 # Keys that may be absent (older or hand-made files); filled with these defaults.
 OPTIONAL_KEYS = ('eval_loss', 'cell')
 METHODS = ('dense', 'prune', 'quantize', 'prune_quantize')
@@ -35,27 +41,10 @@ class ResultsError(ValueError):
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-  """(line number, object) for every JSON line; a final partial line is dropped."""
-  lines = path.read_text(encoding='utf-8').splitlines()
-  # Index of the last non-blank line: the only one allowed to be a partial write.
-  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-  records = []
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      if i == last:
-        break  # interrupted write: the record was never complete
-      raise ResultsError(f'{path}, line {i + 1}: not valid JSON ({e.msg}).') from None
-    if not isinstance(obj, dict):
-      if i == last:
-        break
-      raise ResultsError(f'{path}, line {i + 1}: expected a JSON object, got '
-                         f'{type(obj).__name__}.')
-    records.append((i + 1, obj))
-  return records
+  try:
+    return files.read_jsonl(path)
+  except files.JsonlError as e:
+    raise ResultsError(str(e)) from None
 
 
 def _default_cell_id(row: dict[str, Any]) -> str:
@@ -65,7 +54,8 @@ def _default_cell_id(row: dict[str, Any]) -> str:
 def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
   """All cells of `sweep_dir/results.jsonl`, in file order.
 
-  Every line must carry REQUIRED_KEYS (else ResultsError naming the file, line and key);
+  Every line must carry REQUIRED_KEYS and either METRIC_KEYS or `accuracy` (else
+  ResultsError naming the file, line and key); without METRIC_KEYS, `accuracy` is the metric.
   `eval_loss` defaults to None and `cell` to 'model/method/s<sparsity>/b<bits>'. Extra keys
   are kept untouched. If a cell id appears twice (a resumed sweep re-evaluated it), the later
   line wins, since it is the newer measurement. A missing file gives an empty list so that a
@@ -77,16 +67,21 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
   by_cell: dict[str, dict[str, Any]] = {}
   for lineno, row in _read_jsonl(path):
     missing = [k for k in REQUIRED_KEYS if k not in row]
+    if 'metric' not in row and 'accuracy' not in row:
+      missing.append('accuracy')
     if missing:
       raise ResultsError(f'{path}, line {lineno}: missing key {missing[0]!r}'
                          + (f' (and {", ".join(map(repr, missing[1:]))})' if missing[1:] else '')
-                         + f'; every line needs: {", ".join(REQUIRED_KEYS)}.')
-    for k in ('total_params', 'sparsity', 'bits', 'nonzero_params', 'stored_bytes', 'accuracy'):
+                         + f'; every line needs: {", ".join(REQUIRED_KEYS)} and accuracy '
+                         f'(or {", ".join(METRIC_KEYS)}).')
+    row = dict(row)
+    if 'metric' not in row:
+      row.update(metric=row['accuracy'], metric_name='eval_accuracy', higher_is_better=True)
+    for k in ('total_params', 'sparsity', 'bits', 'nonzero_params', 'stored_bytes', 'metric'):
       v = row[k]
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ResultsError(f'{path}, line {lineno}: key {k!r} must be a finite number, '
                            f'got {v!r}.')
-    row = dict(row)
     row.setdefault('eval_loss', None)
     if not row.get('cell'):
       row['cell'] = _default_cell_id(row)

@@ -9,6 +9,9 @@ Layout of a sweep folder DIR:
   results.jsonl                 one line per evaluated cell (see experiments/results.py)
 Every stage is resumable: finished runs carry a summary.json, finished cells a line in
 results.jsonl, and a rerun after an interruption does only what is missing.
+In a multi-process job every process trains and evaluates; process 0 alone writes the shared
+files (sweep.json, the tokenizer, summaries, compressed checkpoints, results rows) and the
+others wait for it where they then read them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
+from trainbig_jax import files
+from trainbig_jax.compress import quantize
 from trainbig_jax.compress.checkpoints import compress_checkpoint
 from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import finetune as finetune_configs
@@ -29,8 +35,9 @@ from trainbig_jax.data import classification
 from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import RESULTS_FILE, load_results
-from trainbig_jax.train.finetune import finetune
-from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.tasks.classify import finetune
+from trainbig_jax.tasks.mlm import pretrain
+from trainbig_jax.train import distributed, runlock
 
 SWEEP_FILE = 'sweep.json'
 SUMMARY_FILE = 'summary.json'
@@ -59,9 +66,7 @@ def pretrain_config(sweep: ml_collections.ConfigDict, layers: int, hidden: int,
   c = pretrain_configs.get_config(sweep.pretrain_preset)
   _override(c, sweep.pretrain_overrides.to_dict(), 'pretrain_overrides')
   c.preset = size_name(layers, hidden)
-  c.model.num_layers, c.model.hidden = layers, hidden
-  c.model.num_heads = sweep.heads or max(1, hidden // 64)
-  c.model.mlp_dim = 4 * hidden
+  pretrain_configs.set_size(c, layers, hidden, heads=sweep.heads or None)
   c.train.budget_s = float(sweep.pretrain_budget_s)
   c.train.total_steps = sweep.pretrain_total_steps
   # About 12 evaluations over the budget, evenly spaced in time whatever the model's speed.
@@ -81,15 +86,15 @@ def compression_cells(sweep: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The compression grid: (name, method, sparsity, bits, compress config) per cell."""
   def cell(method, sparsity, bits):
     c = compress_configs.get_config(sweep.compress_preset)
-    c.prune.sparsity, c.quant.bits = float(sparsity), int(bits if bits < 32 else 0)
+    c.prune.sparsity, c.quant.bits = float(sparsity), int(bits)
     if sweep.quantize_embeddings:
       c.quant.include = tuple(c.quant.include) + (r'embed/token/embedding$',)
     name = {'dense': 'dense', 'prune': f'prune{round(sparsity * 100)}',
             'quantize': f'int{bits}',
             'prune_quantize': f'prune{round(sparsity * 100)}_int{bits}'}[method]
     return dict(name=name, method=method, sparsity=float(sparsity), bits=int(bits), config=c)
-  cells = [cell('dense', 0.0, 32)]
-  cells += [cell('prune', s, 32) for s in sweep.sparsities]
+  cells = [cell('dense', 0.0, quantize.FLOAT_BITS)]
+  cells += [cell('prune', s, quantize.FLOAT_BITS) for s in sweep.sparsities]
   cells += [cell('quantize', 0.0, b) for b in sweep.bits]
   cells += [cell('prune_quantize', s, b) for s, b in sweep.prune_quantize]
   return cells
@@ -107,8 +112,10 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> None:
     if not 0.0 < s < 1.0:
       raise SweepError(f'sparsity {s!r} in the grid is invalid: allowed (0, 1).')
   for b in list(sweep.bits) + [b for _, b in sweep.prune_quantize]:
-    if not (isinstance(b, int) and 2 <= b <= 8):
-      raise SweepError(f'bits {b!r} in the grid is invalid: allowed 2..8.')
+    try:
+      quantize.check_bits(b)
+    except ValueError as e:
+      raise SweepError(f'bits {b!r} in the grid is invalid: {e}') from None
 
 
 def _claim_folder(workdir: Path, sweep: ml_collections.ConfigDict) -> None:
@@ -120,9 +127,7 @@ def _claim_folder(workdir: Path, sweep: ml_collections.ConfigDict) -> None:
                        f'the same config to resume it.')
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(sweep.to_json(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write(path, sweep.to_json(indent=2))
 
 
 def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
@@ -131,33 +136,43 @@ def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
   if summary_path.exists():
     return json.loads(summary_path.read_text())
   summary = train_fn().__dict__
-  tmp = summary_path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(summary))
-  os.replace(tmp, summary_path)
+  if jax.process_index() == 0:  # every process trained; one records it
+    files.atomic_write(summary_path, json.dumps(summary))
   return summary
 
 
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
-  with open(workdir / RESULTS_FILE, 'a') as f:
+  if jax.process_index() != 0:  # every process evaluated the cell; one row records it
+    return
+  path = workdir / RESULTS_FILE
+  if path.exists():  # a sweep killed mid-append left a partial last line: cut it off first
+    text = path.read_bytes()
+    if text and not text.endswith(b'\n'):
+      os.truncate(path, text.rfind(b'\n') + 1)
+  with open(path, 'a') as f:
     f.write(json.dumps(row) + '\n')
     f.flush()
     os.fsync(f.fileno())
 
 
+@runlock.holds_run_folder(lambda sweep, workdir, *args, **kwargs: workdir)
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
               progress: Callable[[str], None] = print) -> Path:
   """Runs (or resumes) the sweep in `workdir`; returns the results file."""
   check_sweep_config(sweep)
   workdir = Path(workdir).absolute()
-  _claim_folder(workdir, sweep)
   first = pretrain_config(sweep, *sweep.sizes[0], tokenizer_path=None)
-  tokenizer = train_or_load_tokenizer(first.data, str(workdir))
-  done = {row['cell'] for row in load_results(workdir)}
-  cells = compression_cells(sweep)
   ft_task = finetune_config(sweep)
   task = classification.get_task(ft_task.task)
-  majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
-                                                    ft_task.data_dir)
+  # Process 0 claims the folder, trains the shared tokenizer and reads the data first; the
+  # others then find what it wrote instead of racing it for the same files.
+  with distributed.primary_first('trainbig:sweep_prepare'):
+    _claim_folder(workdir, sweep)
+    tokenizer = train_or_load_tokenizer(first.data, str(workdir))
+    majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
+                                                      ft_task.data_dir)
+  done = {row['cell'] for row in load_results(workdir)}
+  cells = compression_cells(sweep)
   for index, (layers, hidden) in enumerate(sweep.sizes, start=1):
     name = size_name(layers, hidden)
     run_dir = workdir / 'runs' / name
@@ -183,8 +198,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
         target = run_dir / 'finetune'
       else:
         target = run_dir / 'compressed' / cell['name']
-        if not target.exists():  # compress_checkpoint is atomic: an existing folder is whole
-          compress_checkpoint(run_dir / 'finetune', cell['config'], target)
+        with distributed.primary_first(f'trainbig:sweep_compress:{cell_id}'):
+          if not target.exists():  # compress_checkpoint is atomic: an existing folder is whole
+            compress_checkpoint(run_dir / 'finetune', cell['config'], target)
       result = evaluate_checkpoint(target)
       _append_result(workdir, {
           'cell': cell_id, 'model': name, 'layers': layers, 'hidden': hidden,
@@ -197,6 +213,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
           'dense_fp32_bytes': result['dense_fp32_bytes'],
           'accuracy': result['eval_accuracy'], 'eval_loss': result['eval_loss'],
           'task': result['task'], 'majority_accuracy': majority,
+          # The task's primary metric, so claims and figures need not know the task.
+          'metric_name': result['primary_metric'], 'metric': result[result['primary_metric']],
+          'higher_is_better': result['primary_mode'] == 'max',
       })
       done.add(cell_id)
     progress(f'{tag}: done')

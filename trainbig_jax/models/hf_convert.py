@@ -1,4 +1,5 @@
-"""Export `Encoder` parameters to Hugging Face RoBERTa (`RobertaForMaskedLM`) names.
+"""Export `Encoder` parameters to Hugging Face RoBERTa (`RobertaForMaskedLM`) names, and
+`EncoderDecoder` parameters to Marian (`MarianMTModel`) names.
 
 Pure numpy: torch/transformers are not imported here. Typical use:
 
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from trainbig_jax.models.encoder import EncoderConfig
+from trainbig_jax.models.encoder_decoder import EncoderDecoderConfig
 
 
 def _np(x: Any) -> np.ndarray:
@@ -108,4 +110,67 @@ def params_to_roberta_state_dict(params: Mapping[str, Any], cfg: EncoderConfig,
       raise ValueError('task="classify" needs a classifier head (cfg.num_classes > 0).')
     sd.update(linear('classifier.dense', params['classifier']['dense']))
     sd.update(linear('classifier.out_proj', params['classifier']['out']))
+  return sd
+
+
+def marian_config(cfg: EncoderDecoderConfig) -> dict[str, Any]:
+  """Keyword arguments for `transformers.MarianConfig` matching a post-LN, sinusoidal
+  `EncoderDecoder` (Marian has no pre-LN variant nor learned positions)."""
+  if cfg.pre_ln or cfg.positions != 'sinusoidal':
+    raise ValueError('Only the post-LN, sinusoidal encoder-decoder maps onto Marian '
+                     f'(pre_ln={cfg.pre_ln}, positions={cfg.positions!r} given).')
+  return dict(
+      vocab_size=cfg.vocab_size, decoder_vocab_size=cfg.vocab_size, d_model=cfg.hidden,
+      encoder_layers=cfg.num_encoder_layers, decoder_layers=cfg.num_decoder_layers,
+      encoder_attention_heads=cfg.num_heads, decoder_attention_heads=cfg.num_heads,
+      encoder_ffn_dim=cfg.mlp_dim, decoder_ffn_dim=cfg.mlp_dim,
+      activation_function='gelu',  # exact erf GELU, the encoder's Mlp
+      max_position_embeddings=cfg.max_len, dropout=0.0, attention_dropout=0.0,
+      activation_dropout=0.0, scale_embedding=True, share_encoder_decoder_embeddings=True,
+      tie_word_embeddings=True, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
+      decoder_start_token_id=cfg.bos_id, forced_eos_token_id=cfg.eos_id)
+
+
+def params_to_marian_state_dict(params: Mapping[str, Any],
+                                cfg: EncoderDecoderConfig) -> dict[str, np.ndarray]:
+  """Our (unboxed) encoder-decoder tree -> `MarianMTModel` state_dict (numpy fp32).
+
+  The sinusoidal position tables are not included: Marian builds its own, and the parity
+  test checks that they agree with ours.
+  """
+  marian_config(cfg)  # rejects layouts Marian cannot express
+  if 'params' in params and 'shared_embedding' not in params:
+    params = params['params']
+
+  def linear(prefix: str, p: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {f'{prefix}.weight': _np(p['kernel']).T.copy(), f'{prefix}.bias': _np(p['bias'])}
+
+  def norm(prefix: str, p: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {f'{prefix}.weight': _np(p['scale']), f'{prefix}.bias': _np(p['bias'])}
+
+  def attention(prefix: str, p: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj'),
+                         ('out', 'out_proj')):
+      out.update(linear(f'{prefix}.{theirs}', p[ours]))
+    return out
+
+  embedding = _np(params['shared_embedding']['embedding'])
+  sd: dict[str, np.ndarray] = {
+      'model.shared.weight': embedding, 'model.encoder.embed_tokens.weight': embedding,
+      'model.decoder.embed_tokens.weight': embedding, 'lm_head.weight': embedding,
+      'final_logits_bias': _np(params['final_logits_bias'])[None, :],
+  }
+  for stack, num_layers in (('encoder', cfg.num_encoder_layers),
+                            ('decoder', cfg.num_decoder_layers)):
+    for i in range(num_layers):
+      layer, pre = params[stack][f'layers_{i}'], f'model.{stack}.layers.{i}'
+      sd.update(attention(f'{pre}.self_attn', layer['attention']))
+      sd.update(norm(f'{pre}.self_attn_layer_norm', layer['attention_norm']))
+      if stack == 'decoder':
+        sd.update(attention(f'{pre}.encoder_attn', layer['cross_attention']))
+        sd.update(norm(f'{pre}.encoder_attn_layer_norm', layer['cross_attention_norm']))
+      sd.update(linear(f'{pre}.fc1', layer['mlp']['wi']))
+      sd.update(linear(f'{pre}.fc2', layer['mlp']['wo']))
+      sd.update(norm(f'{pre}.final_layer_norm', layer['mlp_norm']))
   return sd

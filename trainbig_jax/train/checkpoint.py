@@ -8,13 +8,17 @@ A run folder (WORKDIR) holds:
                     'data' (the data iterator's state) and 'progress' (training wall-clock
                     seconds and tokens so far)
 Orbax writes each step into a temporary folder and renames it when complete, so an
-interrupted save never shadows the previous good checkpoint.
+interrupted save never shadows the previous good checkpoint. A step that fails to restore
+(a truncated, deleted or altered file) is moved to damaged_checkpoints/ with a warning and
+training resumes from the newest one that restores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +27,22 @@ import ml_collections
 from absl import logging
 import orbax.checkpoint as ocp
 
+from trainbig_jax import files
+from trainbig_jax.train import distributed
+
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'
 BEST_DIR = 'best'  # fine-tuning keeps its most accurate evaluation here
 
 
 class CheckpointError(ValueError):
   """A checkpoint named by the user is missing, incomplete or incompatible."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (no space left, no permission, ...)."""
 
 
 def data_state_filename() -> str:
@@ -62,18 +74,103 @@ def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
          progress: dict[str, Any]) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state),
-      progress=ocp.args.JsonSave(progress)), force=True)
-  mngr.wait_until_finished()
+  previous = mngr.latest_step()
+  # A failed save is reported below in one line; Orbax would also log it with its traceback.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        progress=ocp.args.JsonSave(progress)), force=True)
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # disk full, permissions, ...
+    kept = (f'checkpoint step {previous} is intact' if previous is not None
+            else 'no earlier checkpoint exists')
+    raise CheckpointSaveError(
+        f'Saving checkpoint step {step} in {mngr.directory} failed ({failure_gist(e)}); '
+        f'{kept}: free space or fix permissions, then rerun to resume.') from None
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def restore(mngr: ocp.CheckpointManager, target_state: Any, step: int | None = None):
-  """(state, data_state, progress) of `step` (default latest), or None when there is none."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
+  """(state, data_state, progress) of `step`, or None when there is none.
+
+  Without `step`: the newest step that restores. A newer one that fails to (a torn, deleted
+  or altered file) is moved aside to WORKDIR/damaged_checkpoints/ with a warning naming it,
+  so the run resumes from the one before and can save that step number again.
+  """
+  if step is not None:
+    return _restore_step(mngr, target_state, step)
+  while (latest := mngr.latest_step()) is not None:
+    try:
+      return _restore_step(mngr, target_state, latest)
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # whatever the damage, fall back
+      ignore_abandoned_reads()
+      damaged = Path(mngr.directory) / str(latest)
+      aside = _set_aside(damaged)
+      reason = failure_gist(e)
+      logging.warning('Checkpoint %s does not restore (%s): moved to %s; resuming from the '
+                      'previous checkpoint.', damaged, reason, aside)
+      mngr.reload()
+  return None
+
+
+def failure_gist(e: BaseException) -> str:
+  """The gist of a restore failure: TensorStore's status line, else the first 200 characters."""
+  text = ' '.join(str(e).split())
+  system = re.search(r'File too large|No space left on device|Permission denied|'
+                     r'Read-only file system|Disk quota exceeded', text)
+  if system:
+    return system.group(0)
+  status = re.search(r'\b(DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|OUT_OF_RANGE'
+                     r'|INTERNAL|UNKNOWN): [^\[{]{0,160}', text)
+  return (status.group(0).strip() if status else text[:200]) or type(e).__name__
+
+
+def ignore_abandoned_reads() -> None:
+  """Silences the 'Event loop is closed' tracebacks that follow a failed Orbax restore.
+
+  Orbax runs a restore's reads in an event loop that it closes as soon as one read fails;
+  the other reads, still running in TensorStore's threads, then complete into the closed
+  loop, and TensorStore prints each such error through sys.excepthook. They are harmless
+  (their results are no longer wanted), so that one error is dropped; every other one still
+  reaches the previous hook.
+  """
+  if getattr(sys.excepthook, 'ignores_abandoned_reads', False):
+    return
+  abandoned = lambda exc: isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not abandoned(exc):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not abandoned(unraisable.exc_value):
+      previous_unraisablehook(unraisable)
+  excepthook.ignores_abandoned_reads = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def _set_aside(step_dir: Path) -> Path:
+  """Moves a damaged step folder out of checkpoints/ (process 0), returning where to."""
+  aside_root = step_dir.parent.parent / DAMAGED_DIR
+  aside = aside_root / step_dir.name
+  suffix = 1
+  while aside.exists():
+    aside, suffix = aside_root / f'{step_dir.name}.{suffix}', suffix + 1
+  if jax.process_index() == 0:
+    aside_root.mkdir(exist_ok=True)
+    os.rename(step_dir, aside)
+  distributed.barrier(f'trainbig:set_aside:{step_dir}')
+  return aside
+
+
+def _restore_step(mngr: ocp.CheckpointManager, target_state: Any, step: int):
   data_dir = Path(mngr.directory) / str(step) / 'data'
   if data_dir.is_dir() and not (data_dir / data_state_filename()).exists():
     written = sorted(p.name for p in data_dir.iterdir() if p.name != 'commit_success.txt')
@@ -101,17 +198,20 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
         raise CheckpointError(
             f'{workdir} holds a run with other {section} settings ({", ".join(diffs)}); '
             f'use a new --workdir or the same config.')
-  # Every process writes the same file: a temporary name of its own keeps the renames atomic.
-  tmp = path.with_suffix(f'.json.tmp{jax.process_index()}')
-  tmp.write_text(config.to_json(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write(path, config.to_json(indent=2))  # every process: same bytes, own temp
 
 
 def read_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = Path(run_dir) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(f'{run_dir} is not a trainbig run folder: it has no {CONFIG_FILE}.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    config = json.loads(path.read_text(encoding='utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'{path} is damaged: not a JSON config ({e}).') from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f'{path} is damaged: it holds no JSON object.')
+  return ml_collections.ConfigDict(config)
 
 
 def params_step_dir(run_dir: str | os.PathLike) -> Path:
@@ -145,6 +245,10 @@ def restore_params(run_dir: str | os.PathLike) -> dict[str, Any]:
   logging.set_verbosity(logging.ERROR)
   try:
     return _restore_params(state_dir)
+  except Exception as e:  # pylint: disable=broad-except  # a damaged file, whichever
+    ignore_abandoned_reads()
+    raise CheckpointError(f'{state_dir} is damaged and cannot be read ({failure_gist(e)}); '
+                          f'restore it from a copy or remove that step folder.') from None
   finally:
     logging.set_verbosity(verbosity)
 

@@ -31,6 +31,11 @@ class DistributedError(ValueError):
   """The multi-process settings are incomplete or invalid."""
 
 
+# A process that dies (kill -9, OOM, a lost host) stops sending heartbeats; after this long
+# the others get an error instead of waiting in a collective forever (JAX's default is 100 s).
+HEARTBEAT_TIMEOUT_S = 30
+
+
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, object] | None:
   """jax.distributed.initialize keyword arguments from TRAINBIG_* variables, or None if unset."""
   given = {k: environ[k] for k in ENV_VARS if environ.get(k)}
@@ -56,7 +61,7 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, obje
   if not 0 <= process_id < num_processes:
     raise DistributedError(f'{ENV_PROCESS_ID}={process_id} must be in [0, {num_processes}).')
   return {'coordinator_address': address, 'num_processes': num_processes,
-          'process_id': process_id}
+          'process_id': process_id, 'heartbeat_timeout_seconds': HEARTBEAT_TIMEOUT_S}
 
 
 def initialize(auto_detect: bool = False, environ: Mapping[str, str] = os.environ) -> bool:
@@ -73,7 +78,7 @@ def initialize(auto_detect: bool = False, environ: Mapping[str, str] = os.enviro
     jax.distributed.initialize(**settings)
   else:  # Cloud TPU, SLURM, Open MPI, ...: JAX reads the cluster's own environment
     try:
-      jax.distributed.initialize()
+      jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except ValueError as e:  # JAX: "coordinator_address should be defined."
       raise DistributedError(
           f'--distributed found no cluster to join ({e}); JAX detects Cloud TPU, SLURM, Open '

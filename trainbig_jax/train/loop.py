@@ -1,10 +1,14 @@
-"""The one train loop: pretraining and fine-tuning both run through `run`.
+"""The one train loop: every task (trainbig_jax/tasks) runs through `run`.
 
 It stops at `train.total_steps` or when the training clock reaches `train.budget_s`, whichever
 comes first (the paper compares model sizes at equal wall-clock). The clock counts only
 training steps (data loading included): compilation, evaluation and checkpointing are
 excluded. SIGTERM (a preempted job) saves a checkpoint and returns cleanly; a rerun with the
 same workdir resumes at the same step and data position.
+
+A step with a non-finite loss, gradient norm or update is never applied (see steps.py): the run
+stops there naming the step, keeping its last checkpoint, or with `train.max_nonfinite_skips`
+= K it skips such steps, counting them, and stops at the (K+1)-th in a row.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainbig_jax.train import checkpoint, distributed, partitioning
+from trainbig_jax.train import checkpoint, distributed, partitioning, runlock
 from trainbig_jax.train.metrics import MetricWriter
 from trainbig_jax.train.state import (TrainState, abstract_state, create_sharded_state,
                                       learning_rate_schedule)
@@ -37,7 +41,7 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass
 class Job:
-  """What differs between pretraining and fine-tuning; the loop does the rest."""
+  """What differs between tasks; the loop does the rest."""
   config: ml_collections.ConfigDict
   workdir: Path
   sums_fn: SumsFn
@@ -47,6 +51,9 @@ class Job:
   tx: optax.GradientTransformation
   # Called after each evaluation with (step, state, eval metrics); fine-tuning keeps its best.
   on_eval: Callable[[int, TrainState, dict[str, float]], None] | None = None
+  # Task metrics beyond the summed ones (e.g. BLEU from decoding): params -> {name: value},
+  # called under the mesh after each evaluation and merged into its metrics.
+  extra_metrics: Callable[[Any], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -57,6 +64,28 @@ class Summary:
   eval_loss: float | None
   eval_accuracy: float | None
   stopped_by: str  # 'steps' | 'budget' | 'signal'
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last evaluation
+
+
+class NonFiniteError(ValueError):
+  """Training produced a non-finite loss, gradient norm or parameter update."""
+
+
+def _count_nonfinite(step: int, metrics: dict[str, Any], progress: dict[str, Any],
+                     max_skips: int, last_checkpoint: int | None) -> None:
+  """Counts a skipped non-finite step in `progress`; raises once there were too many in a row."""
+  progress['nonfinite_in_a_row'] = progress.get('nonfinite_in_a_row', 0) + 1
+  progress['skipped_steps'] = progress.get('skipped_steps', 0) + 1
+  what = f'train_loss {metrics["train_loss"]}, grad_norm {metrics["grad_norm"]}'
+  if progress['nonfinite_in_a_row'] > max_skips:
+    kept = (f'its last checkpoint (step {last_checkpoint}) is kept' if last_checkpoint is not None
+            else 'no checkpoint was saved yet')
+    in_a_row = (f' after {max_skips} skipped in a row' if max_skips else '')
+    raise NonFiniteError(
+        f'step {step} is not finite ({what}){in_a_row}; stopped without saving it, {kept}. '
+        f'Lower train.learning_rate, or set train.max_nonfinite_skips to skip such steps.')
+  logging.warning('Step %d is not finite (%s): update skipped (%d in a row, %d in all).', step,
+                  what, progress['nonfinite_in_a_row'], progress['skipped_steps'])
 
 
 class _StopFlag:
@@ -115,6 +144,7 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, flo
           'eval_accuracy': float(totals['correct']) / weight}
 
 
+@runlock.holds_run_folder(lambda job: job.workdir)
 def run(job: Job) -> Summary:
   config, tc = job.config, job.config.train
   workdir = Path(job.workdir)
@@ -150,11 +180,14 @@ def run(job: Job) -> Summary:
   def run_eval(state):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       metrics = evaluate(eval_step, state.params, job.eval_batches(), mesh)
+      if job.extra_metrics is not None:
+        metrics.update(job.extra_metrics(state.params))
     row = {'step': int(state.step), 'wall_time_s': progress['wall_time_s'], **metrics}
     writer.write(row)
     metrics = {**metrics, 'step': row['step']}
-    logging.info('step %d  wall %.1fs  eval_loss %.4f  eval_accuracy %.4f', row['step'],
-                 row['wall_time_s'], metrics['eval_loss'], metrics['eval_accuracy'])
+    progress['last_eval'] = metrics  # saved with the next checkpoint
+    logging.info('step %d  wall %.1fs  %s', row['step'], row['wall_time_s'],
+                 '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != 'step'))
     if job.on_eval is not None:
       job.on_eval(int(state.step), state, metrics)
     return metrics
@@ -162,7 +195,9 @@ def run(job: Job) -> Summary:
   def save(state):
     checkpoint.save(mngr, int(state.step), state, job.train_iterator.get_state(), progress)
 
-  last_eval = None
+  # The evaluation saved with the restored checkpoint: when it is of that very step (a run
+  # killed after its last save), a rerun neither repeats it nor logs that step twice.
+  last_eval = progress.get('last_eval')
   stopped_by = 'steps'
   # Evaluations by training-clock time as well as by steps: a learning curve over wall-clock
   # gets evenly spaced points whatever the model's speed.
@@ -194,6 +229,11 @@ def run(job: Job) -> Summary:
       step += 1
       progress['wall_time_s'] += dt
       progress['tokens'] += float(metrics['tokens'])
+      if not metrics['finite']:
+        _count_nonfinite(step, metrics, progress, tc.get('max_nonfinite_skips', 0),
+                         mngr.latest_step())
+      elif progress.get('nonfinite_in_a_row'):
+        progress['nonfinite_in_a_row'] = 0
       bar.update(1)
       bar.set_postfix(loss=f'{metrics["train_loss"]:.3f}',
                       tok_s=f'{metrics["tokens"] / max(dt, 1e-9):,.0f}')
@@ -202,7 +242,9 @@ def run(job: Job) -> Summary:
                       'tokens': progress['tokens'], 'train_loss': metrics['train_loss'],
                       'train_accuracy': metrics['train_accuracy'],
                       'grad_norm': metrics['grad_norm'],
-                      'learning_rate': float(schedule_lr(step - 1))})
+                      'learning_rate': float(schedule_lr(step - 1)),
+                      **({'skipped_steps': progress['skipped_steps']}
+                         if progress.get('skipped_steps') else {})})
       if step % tc.eval_every == 0 or (eval_every_s and progress['wall_time_s'] >= next_eval_s):
         last_eval = run_eval(state)
         if eval_every_s:  # the next multiple of eval_every_s after the clock
@@ -221,6 +263,7 @@ def run(job: Job) -> Summary:
     logging.warning('Stopped by %s at step %d; checkpoint saved, rerun to resume.',
                     stop.signal_name or 'a signal to another process', step)
   return Summary(step=step, wall_time_s=progress['wall_time_s'], tokens=progress['tokens'],
-                 eval_loss=last_eval and last_eval['eval_loss'],
-                 eval_accuracy=last_eval and last_eval['eval_accuracy'], stopped_by=stopped_by)
+                 eval_loss=last_eval and last_eval.get('eval_loss'),
+                 eval_accuracy=last_eval and last_eval.get('eval_accuracy'), stopped_by=stopped_by,
+                 metrics={k: v for k, v in (last_eval or {}).items() if k != 'step'})
 

@@ -1,7 +1,8 @@
 """Metric writers: WORKDIR/metrics.jsonl (one JSON object a line) and TensorBoard events.
 
 Train lines: step, wall_time_s, tokens, train_loss (+ learning_rate, grad_norm, ...).
-Eval lines:  step, wall_time_s, eval_loss, eval_accuracy.
+Eval lines:  step, wall_time_s and the task's named eval metrics (eval_loss, eval_accuracy,
+             and e.g. eval_bleu; see trainbig_jax/tasks).
 wall_time_s is training time only: evaluation, checkpointing and compilation are excluded.
 """
 
@@ -12,23 +13,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainbig_jax import files
+
 METRICS_FILE = 'metrics.jsonl'
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   """All complete lines of a metrics file (a torn last line from a crash is skipped)."""
-  rows = []
   path = Path(path)
   if path.is_dir():
     path = path / METRICS_FILE
   if not path.exists():
-    return rows
-  for line in path.read_text().splitlines():
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
-  return rows
+    return []
+  return [row for _, row in files.read_jsonl(path)]
 
 
 class MetricWriter:
@@ -55,9 +52,7 @@ class MetricWriter:
   def _truncate_after(self, step: int) -> None:
     """On resume, drop lines logged after the restored checkpoint: they will be redone."""
     rows = [r for r in read_metrics(self.path) if r.get('step', 0) <= step]
-    tmp = self.path.with_suffix('.jsonl.tmp')
-    tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    os.replace(tmp, self.path)
+    files.atomic_write(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:

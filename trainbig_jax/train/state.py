@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from trainbig_jax.models.layout import path_str
 from trainbig_jax.train import partitioning
 
 PyTree = Any
@@ -27,10 +28,6 @@ class TrainState:
   step: jax.Array
   params: PyTree
   opt_state: PyTree
-
-
-def path_str(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:

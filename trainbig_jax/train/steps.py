@@ -1,9 +1,13 @@
-"""Jitted train and eval steps, shared by pretraining and fine-tuning.
+"""Jitted train and eval steps, shared by every task.
 
-A task is a `sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correct', ...}` of
-*sums* over a batch. The train step splits the batch into micro-batches, adds their sums and
-gradients, and normalises once by the total weight, so gradient accumulation gives exactly
-the gradient of the full batch.
+A task gives a `sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correct', 'tokens'}`
+of *sums* over a batch (trainbig_jax/tasks). The train step splits the batch into
+micro-batches, adds their sums and gradients, and normalises once by the total weight, so
+gradient accumulation gives exactly the gradient of the full batch.
+
+A step whose loss, gradient norm or new parameters are not all finite keeps the previous
+parameters and optimizer state (its `finite` metric is 0): a blow-up never reaches the state,
+so no checkpoint can hold a non-finite parameter; the loop decides whether to stop or go on.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,42 +26,11 @@ Batch = dict[str, jax.Array]
 SumsFn = Callable[[PyTree, Batch, jax.Array, bool], dict[str, jax.Array]]
 
 
-def mlm_sums(model: nn.Module, max_predictions: int | None = None) -> SumsFn:
-  """Masked-LM cross-entropy and accuracy summed over the masked positions.
-
-  With `max_predictions`, logits are computed only at (up to) that many masked positions per
-  sequence, picked by top_k on the weights; the data pipeline masks an exact count per
-  sequence, so a bound of ceil(mask_rate * length) loses nothing.
-  """
-  def sums(params, batch, rng, train):
-    inputs, targets, weights = batch['inputs'], batch['targets'], batch['weights']
-    positions = None
-    if max_predictions is not None and max_predictions < inputs.shape[1]:
-      positions = jax.lax.top_k(weights, max_predictions)[1]
-      targets = jnp.take_along_axis(targets, positions, axis=1)
-      weights = jnp.take_along_axis(weights, positions, axis=1)
-    logits = model.apply({'params': params}, inputs, train=train, task='mlm',
-                         positions=positions, rngs={'dropout': rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = jnp.argmax(logits, -1) == targets
-    return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
-            'correct': jnp.sum(correct * weights),
-            'tokens': jnp.sum(inputs != model.cfg.pad_id).astype(jnp.float32)}
-  return sums
-
-
-def classification_sums(model: nn.Module) -> SumsFn:
-  """Cross-entropy and accuracy summed over the real (weight 1) examples."""
-  def sums(params, batch, rng, train):
-    logits = model.apply({'params': params}, batch['inputs'], train=train, task='classify',
-                         rngs={'dropout': rng})
-    weights = batch['weights']
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
-    correct = jnp.argmax(logits, -1) == batch['labels']
-    return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
-            'correct': jnp.sum(correct * weights),
-            'tokens': jnp.sum(batch['inputs'] != model.cfg.pad_id).astype(jnp.float32)}
-  return sums
+def all_finite(tree: PyTree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_steps: int):
@@ -91,6 +63,11 @@ def make_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_ste
     params = optax.apply_updates(state.params, updates)
     metrics = {'train_loss': sums['loss'] / denom, 'train_accuracy': sums['correct'] / denom,
                'tokens': sums['tokens'], 'grad_norm': optax.tree.norm(grads)}
+    finite = jnp.isfinite(metrics['train_loss']) & jnp.isfinite(metrics['grad_norm'])
+    finite &= all_finite(params)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics['finite'] = finite
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step

@@ -1,0 +1,66 @@
+"""Writing files that are never seen half-written, and reading JSON-lines files.
+
+Every file the project writes whole (configs, summaries, tokenizers, rewritten metrics) goes
+through `atomic_write`; every JSONL file it reads (metrics.jsonl, results.jsonl) through
+`read_jsonl`, which tolerates exactly what an interrupted append leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+class JsonlError(ValueError):
+  """A JSON-lines file damaged somewhere other than its last line."""
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+  """Replaces `path` with `data` so that readers see the old file or the new one, never part.
+
+  The data goes to a temporary file beside `path` (named per process and call, so processes
+  writing the same file at once do not collide), is flushed to disk, then renamed over it.
+  """
+  path = Path(path)
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+  try:
+    with open(tmp, 'xb') as f:
+      f.write(data.encode('utf-8') if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, object) for every line of a JSONL file of objects.
+
+  An append interrupted by a crash leaves a torn last line: a final line that is not a JSON
+  object is dropped. A bad line anywhere else means the file is damaged: JsonlError names the
+  file and line.
+  """
+  path = Path(path)
+  lines = path.read_text(encoding='utf-8').splitlines()
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == last:
+        break
+      raise JsonlError(f'{path}, line {i + 1}: not valid JSON ({e.msg}).') from None
+    if not isinstance(obj, dict):
+      if i == last:
+        break
+      raise JsonlError(f'{path}, line {i + 1}: expected a JSON object, got '
+                       f'{type(obj).__name__}.')
+    records.append((i + 1, obj))
+  return records

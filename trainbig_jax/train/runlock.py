@@ -1,0 +1,86 @@
+"""One writer per run folder: an advisory lock that names the process holding it.
+
+`WORKDIR/writer.lock` is locked with flock(2) by the process writing the folder. The kernel
+drops the lock when that process ends, however it ends (SIGKILL and OOM kills included), so a
+lock left behind by a dead process never blocks a rerun; the file's text (pid, host, command)
+only serves to name the holder in the message a second writer gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+
+LOCK_FILE = 'writer.lock'
+
+
+class RunFolderBusyError(ValueError):
+  """Another live process is writing the run folder."""
+
+
+def check_folder_path(folder: str | os.PathLike, flag: str = '--workdir') -> None:
+  """A run folder path must be a folder or not exist yet (a file there is a user error)."""
+  path = Path(folder)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f'{flag}={folder} is a file, not a folder; give a new or an '
+                             f'existing run folder.')
+  for parent in path.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise NotADirectoryError(f'{flag}={folder} lies under {parent}, which is a file.')
+      break
+
+
+@contextlib.contextmanager
+def hold(folder: str | os.PathLike) -> Iterator[None]:
+  """Holds the writer lock of `folder` (created if needed) for the duration of the block."""
+  folder = Path(folder)
+  check_folder_path(folder)
+  created = not folder.exists()
+  folder.mkdir(parents=True, exist_ok=True)
+  fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'pid unknown'
+    os.close(fd)
+    raise RunFolderBusyError(
+        f'{folder} is being written by another live process ({holder}); wait for it or stop '
+        f'it, or use another folder.') from None
+  command = ' '.join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}: {command}\n'.encode(), 0)
+  try:
+    yield
+  finally:
+    os.ftruncate(fd, 0)
+    # A command that failed before writing anything leaves no folder behind (nor its lock).
+    if created and os.listdir(folder) == [LOCK_FILE]:
+      os.unlink(folder / LOCK_FILE)
+      os.rmdir(folder)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def holds_run_folder(folder_of: Callable[..., str | os.PathLike]):
+  """Decorator: the function runs holding the lock of the folder `folder_of(*args)` names.
+
+  Only process 0 of a multi-process job locks: the processes of one job write together.
+  """
+  def wrap(fn):
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+      if jax.process_index() != 0:
+        return fn(*args, **kwargs)
+      with hold(folder_of(*args, **kwargs)):
+        return fn(*args, **kwargs)
+    return locked
+  return wrap
