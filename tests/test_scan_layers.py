@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from trainbig_jax.configs import pretrain as pretrain_configs
-from trainbig_jax.data import mlm
 from trainbig_jax.models import layer_stack
 from trainbig_jax.models.encoder import REMAT_POLICIES, Encoder, encoder_config
-from trainbig_jax.train import checkpoint, pretrain
-from trainbig_jax.train.steps import mlm_sums
+from trainbig_jax.tasks import mlm as mlm_task
+from trainbig_jax.train import checkpoint
+from trainbig_jax.train.checks import ConfigError
 
 VOCAB = 97
 
@@ -27,7 +27,7 @@ def tiny_model(scan_layers=False, remat='none', pre_ln=False):
   c.model.pre_ln = pre_ln
   c.model.scan_layers = scan_layers
   c.model.remat = remat
-  pretrain.check_model_config(c.model)
+  mlm_task.check_model_config(c.model)
   return Encoder(encoder_config(c.model, vocab_size=VOCAB, pad_id=0)), c
 
 
@@ -49,7 +49,7 @@ def reference():
 
 
 def loss_and_grads(model, c, params, batch):
-  sums = mlm_sums(model, mlm.max_predictions(c.data.seq_len, c.data.mask_rate))
+  sums = mlm_task.sums_fn(model, c)
   def loss(p):
     s = sums(p, batch, jax.random.key(1), True)
     return s['loss'] / s['weight']
@@ -120,5 +120,5 @@ def test_stacked_checkpoint_restores_per_layer(reference, tmp_path):
 def test_bad_remat_policy_is_one_line():
   c = pretrain_configs.get_config('tiny')
   c.model.remat = 'some'
-  with pytest.raises(pretrain.ConfigError, match="model.remat='some' is invalid; allowed: none"):
-    pretrain.check_model_config(c.model)
+  with pytest.raises(ConfigError, match="model.remat='some' is invalid; allowed: none"):
+    mlm_task.check_model_config(c.model)
