@@ -128,14 +128,15 @@ def xla_flops(compiled) -> float | None:
   return float(flops) * jax.device_count()
 
 
-def time_train(config, num_steps: int) -> dict[str, Any]:
+def prepare_train(config) -> dict[str, Any]:
+  """The trainer's model, sharded state and compiled train step, with synthetic batches on the
+  devices; `run(state, i)` does step i and returns (state, metrics) without waiting."""
   m, d = config.model, config.data
   model = Encoder(encoder_config(m, vocab_size=d.vocab_size))
   mesh = partitioning.make_mesh(config.mesh.shape)
   tx = make_optimizer(config.train)
   state, shardings = create_sharded_state(init_params_fn(model, d.seq_len), tx, mesh,
                                           jax.random.key(config.seed))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   replicated = NamedSharding(mesh, P())
   # The trainer's loss (train/pretrain.py) and step, jitted with its shardings (train/loop.py).
   predictions = max_predictions(d.seq_len, d.mask_rate)
@@ -144,22 +145,41 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
       in_shardings=(shardings, partitioning.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=(0,))
   rng = np.random.default_rng(0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+  rules = partitioning.LOGICAL_AXIS_RULES
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batches = [partitioning.global_batch(
         synthetic_batch(rng, config.train.batch_size, d.seq_len, d.vocab_size, d), mesh)
         for _ in range(NUM_DISTINCT_BATCHES)]
     dropout_rng = jax.random.key(config.seed + 1)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0], dropout_rng).compile()
+    lowered = step_fn.lower(state, batches[0], dropout_rng)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batches[0], dropout_rng)  # warm-up: first-run allocations
-    jax.device_get(metrics)
-    times = []
-    for i in range(num_steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batches[(i + 1) % len(batches)], dropout_rng)
-      metrics = jax.device_get(metrics)  # synchronise each step, as the trainer does
-      times.append(time.perf_counter() - t0)
+
+  def run(state, i: int):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return compiled(state, batches[i % len(batches)], dropout_rng)
+
+  return {'state': state, 'run': run, 'compiled': compiled, 'compile_s': compile_s,
+          'batches': batches, 'lowered': lowered,
+          'predictions': predictions,
+          'num_params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))}
+
+
+def time_train(config, num_steps: int) -> dict[str, Any]:
+  m, d = config.model, config.data
+  prepared = prepare_train(config)
+  state, run, compiled = prepared['state'], prepared['run'], prepared['compiled']
+  compile_s, predictions, num_params = (prepared['compile_s'], prepared['predictions'],
+                                        prepared['num_params'])
+  state, metrics = run(state, 0)  # warm-up: first-run allocations
+  jax.device_get(metrics)
+  times = []
+  for i in range(num_steps):
+    t0 = time.perf_counter()
+    state, metrics = run(state, i + 1)
+    metrics = jax.device_get(metrics)  # synchronise each step, as the trainer does
+    times.append(time.perf_counter() - t0)
   if not np.isfinite(metrics['train_loss']):
     raise FloatingPointError(f'train_loss became {metrics["train_loss"]}; the numbers would '
                              'not mean anything.')

@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # activations: 'float32' or 'bfloat16'; parameters stay fp32
   c.model.layer_norm_eps = 1e-5
   c.model.num_classes = 0  # >0 adds a classification head (fine-tuning)
+  # SelfAttention: 'einsum', 'xla', 'cudnn' or 'auto' (cuDNN where it fits, else XLA); the
+  # fused paths take no attention dropout, so training with it uses 'einsum' (encoder.py).
+  c.model.attention = 'einsum'
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # global sequences per optimizer step

@@ -12,7 +12,7 @@ import numpy as np
 
 from trainbig_jax.data import mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
-from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
+from trainbig_jax.models.encoder import ATTENTION, DTYPES, Encoder, encoder_config
 from trainbig_jax.train import checkpoint, distributed, loop, partitioning
 from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import mlm_sums
@@ -37,6 +37,9 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
   _require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} is invalid; allowed: {", ".join(DTYPES)}.')
   for name in ('dropout', 'attention_dropout'):
     _require(0.0 <= m[name] < 1.0, f'model.{name}={m[name]!r} is invalid: allowed [0, 1).')
+  attention = m.get('attention', 'einsum')
+  _require(attention in ATTENTION,
+           f'model.attention={attention!r} is invalid; allowed: {", ".join(ATTENTION)}.')
 
 
 def check_train_config(c: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -40,7 +40,10 @@ def mlm_sums(model: nn.Module, max_predictions: int | None = None) -> SumsFn:
     logits = model.apply({'params': params}, inputs, train=train, task='mlm',
                          positions=positions, rngs={'dropout': rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = jnp.argmax(logits, -1) == targets
+    # The target has the largest logit: one max over the vocabulary, which the loss's
+    # logsumexp also takes, instead of an argmax (a slow variadic reduce on XLA CPU).
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = target_logits >= jnp.max(logits, axis=-1)
     return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
             'correct': jnp.sum(correct * weights),
             'tokens': jnp.sum(inputs != model.cfg.pad_id).astype(jnp.float32)}
