@@ -2,7 +2,8 @@
 
 The checkpoint's own config says what to evaluate: a pretraining run on its MLM validation
 batches, a fine-tuning run on its task's validation split. A compressed checkpoint is
-dequantized into a dense tree and evaluated by exactly the same compiled step.
+dequantized into a dense tree and evaluated by exactly the same compiled step; with
+`int8=True` (`--int8`) its Dense layers run as int8 matmuls instead (compress/int8.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
+from trainbig_jax.compress.int8 import int8_eval_inputs
 from trainbig_jax.data import mlm
 from trainbig_jax.data.tokenizer import load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
@@ -36,7 +38,7 @@ def _mesh_for(config) -> jax.sharding.Mesh:
     return partitioning.make_mesh((-1, 1, 1))
 
 
-def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False) -> dict[str, Any]:
   """Evaluates a run folder or compressed checkpoint; returns metrics and storage facts."""
   path = Path(path)
   if not path.exists():
@@ -59,6 +61,9 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   mesh = _mesh_for(config)
   shardings = params_shardings(init_params_fn(model, seq_len, 'classify' if task != 'mlm'
                                               else 'mlm'), mesh)
+  leaves = jax.tree.leaves(params)
+  if int8:
+    params, shardings, sums_fn = int8_eval_inputs(params, shardings, sums_fn, mesh, path)
   try:
     params = jax.device_put(params, shardings)
   except ValueError as e:
@@ -72,11 +77,10 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = loop.evaluate(eval_step, params, batches(), mesh)
     seconds = time.perf_counter() - start
-  leaves = jax.tree.leaves(jax.device_get(params))
   examples = sum(int(np.sum(b['weights'] > 0)) if task != 'mlm' else b['inputs'].shape[0]
                  for b in batches())
   return {
-      'checkpoint': str(path), 'task': task, **metrics,
+      'checkpoint': str(path), 'task': task, 'matmuls': 'int8' if int8 else 'float', **metrics,
       'total_params': sum(int(x.size) for x in leaves),
       'nonzero_params': sum(int(np.count_nonzero(x)) for x in leaves),
       **facts, 'eval_examples': examples, 'eval_seconds': seconds,
