@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            '1024 on CPU')
   parser.add_argument('--matmul_reps', type=int, default=None,
                       help='timed matmul repetitions; default: about 2 s worth')
+  parser.add_argument('--pipeline_batches', type=int, default=0,
+                      help='also time the data pipeline alone (the embedded corpus, the '
+                           'trainer\'s packing and masking) over this many host batches')
+  parser.add_argument('--pipeline_workdir', default=None,
+                      help='where its tokenizer is trained once and reused (default: a temp dir)')
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f'--steps={args.steps} must be at least 1.')
@@ -198,6 +203,26 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
   }
 
 
+def pipeline_tokens_per_s(config, num_batches: int, workdir: str | None = None) -> float:
+  """Tokens/s of ready host batches from the trainer's own pipeline (train/pretrain.py's
+  iterator: tokenize, pack, mask, batch) for this process, with no step consuming them."""
+  import tempfile
+  from trainbig_jax.data import mlm, sources
+  from trainbig_jax.data.tokenizer import train_or_load_tokenizer
+  workdir = workdir or tempfile.mkdtemp(prefix='pipeline_bench_')
+  config = config.copy_and_resolve_references()
+  config.data.tokenizer_max_chars = min(config.data.tokenizer_max_chars, 4_000_000)
+  sources.prepare(config.data.dataset, config.data.data_dir)
+  tokenizer = train_or_load_tokenizer(config.data, workdir)
+  batches = mlm.pretrain_train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  next(batches)  # opens the files, starts any workers
+  tokens, t0 = 0, time.perf_counter()
+  for _ in range(num_batches):
+    tokens += next(batches)['inputs'].size
+  return tokens / (time.perf_counter() - t0)
+
+
 def matmul_flops_per_s(n: int, dtype, reps: int | None = None) -> float:
   """Sustained FLOP/s of N x N matmuls on all devices at once (one per device, sharded), so
   it is measured on the same devices the train step uses."""
@@ -245,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   dtypes = ['float32'] + ([config.model.dtype] if config.model.dtype != 'float32' else [])
   matmul = {dt: matmul_flops_per_s(n, DTYPES[dt], args.matmul_reps) for dt in dtypes}
   reference = matmul[config.model.dtype]
+  pipeline = (pipeline_tokens_per_s(config, args.pipeline_batches, args.pipeline_workdir)
+              if args.pipeline_batches else None)
   xla_fs = train['xla_flops_per_step'] and train['xla_flops_per_step'] / step_s
   analytic_fs = train['analytic_flops_per_step'] / step_s
   result = {
@@ -265,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       'matmul_size': n, **{f'matmul_{dt}_flops_per_s': v for dt, v in matmul.items()},
       'mfu_proxy_analytic': analytic_fs / reference,
       'mfu_proxy_xla': xla_fs and xla_fs / reference,
+      'pipeline_tokens_per_s_per_process': pipeline,
+      'pipeline_over_step': pipeline and pipeline * jax.process_count() / (
+          train['tokens_per_step'] / step_s),
   }
   rows = [
       ('device', f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), '
@@ -284,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       ('train FLOP/s (XLA)', _si(xla_fs, 'FLOP/s')),
       ('train FLOP/s (analytic)', _si(analytic_fs, 'FLOP/s')),
       *[(f'matmul {n}^2 {dt}', _si(v, 'FLOP/s')) for dt, v in matmul.items()],
+      ('data pipeline alone', 'not measured (--pipeline_batches)' if pipeline is None else
+       f'{pipeline:,.0f} tokens/s per process, {result["pipeline_over_step"]:.1f}x the step'),
       (f'MFU proxy vs {config.model.dtype} matmul',
        f'{result["mfu_proxy_analytic"]:.1%} analytic'
        + (f', {result["mfu_proxy_xla"]:.1%} XLA' if result['mfu_proxy_xla'] else '')),

@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rows = []
   for size in args.sizes.split(','):
     rows.append(compare(size_config(size, args), args))
+    r = rows[-1]
+    print(f'{size}: jax {r["jax_tokens_per_s"]:,.0f} tokens/s, torch '
+          f'{r["torch_tokens_per_s"]:,.0f} tokens/s, {r["ratio"]:.2f}x; load average '
+          f'{os.getloadavg()[0]:.1f}', flush=True)
   mm_dtype = train_throughput.DTYPES[args.dtype]
   matmul_jax = train_throughput.matmul_flops_per_s(args.matmul_size, mm_dtype)
   matmul_torch = torch_matmul_flops_per_s(args.matmul_size, args.gpu)

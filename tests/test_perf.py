@@ -148,3 +148,49 @@ def test_vs_pytorch_tiny_runs_both_sides():
   assert row['ratio'] == pytest.approx(row['jax_tokens_per_s'] / row['torch_tokens_per_s'])
   # Same initial loss scale: both start near log(vocab) on the same batches.
   assert abs(row['jax_loss'] - row['torch_loss']) < 1.0
+
+
+class CountingIterator:
+  """Host batches numbered 0, 1, ...; its state is the number drawn; fails at `fail_at`."""
+
+  def __init__(self, count: int, fail_at: int | None = None):
+    self.drawn, self.count, self.fail_at = 0, count, fail_at
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.drawn == self.fail_at:
+      raise OSError('disk gone')
+    if self.drawn == self.count:
+      raise StopIteration
+    self.drawn += 1
+    return {'inputs': np.full((8, 4), self.drawn - 1, np.int32)}
+
+  def get_state(self):
+    return {'drawn': self.drawn}
+
+
+def test_device_prefetch_keeps_the_consumed_data_position():
+  from trainbig_jax.train import partitioning
+  from trainbig_jax.train.prefetch import DevicePrefetch
+  mesh = partitioning.make_mesh((-1, 1, 1))
+  source = CountingIterator(5)
+  batches = DevicePrefetch(source, mesh, size=2)
+  assert batches.get_state() == {'drawn': 0}
+  first = next(batches)
+  assert first['inputs'].sharding.mesh.shape == mesh.shape  # already on the devices
+  assert int(first['inputs'][0, 0]) == 0
+  while source.drawn < 3:  # the thread reads ahead ...
+    pass
+  assert batches.get_state() == {'drawn': 1}  # ... but the position is what was consumed
+  assert [int(b['inputs'][0, 0]) for b in batches] == [1, 2, 3, 4]
+  assert batches.get_state() == {'drawn': 5}
+  with pytest.raises(StopIteration):
+    next(batches)
+  batches.close()
+  failing = DevicePrefetch(CountingIterator(5, fail_at=1), mesh)
+  next(failing)
+  with pytest.raises(OSError, match='disk gone'):
+    next(failing)
+  failing.close()
