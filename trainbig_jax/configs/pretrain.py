@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_classes = 0  # >0 adds a classification head (fine-tuning)
   # SelfAttention: 'einsum', 'xla', 'cudnn' or 'auto' (cuDNN where it fits, else XLA); the
   # fused paths take no attention dropout, so training with it uses 'einsum' (encoder.py).
-  c.model.attention = 'einsum'
+  c.model.attention = 'auto'
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # global sequences per optimizer step

@@ -51,7 +51,7 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-5
   num_classes: int = 0
   pad_id: int = 0
-  attention: str = 'einsum'  # one of ATTENTION
+  attention: str = 'auto'  # one of ATTENTION
 
   @property
   def head_dim(self) -> int:

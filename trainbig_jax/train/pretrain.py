@@ -37,7 +37,7 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
   _require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} is invalid; allowed: {", ".join(DTYPES)}.')
   for name in ('dropout', 'attention_dropout'):
     _require(0.0 <= m[name] < 1.0, f'model.{name}={m[name]!r} is invalid: allowed [0, 1).')
-  attention = m.get('attention', 'einsum')
+  attention = m.get('attention', 'auto')
   _require(attention in ATTENTION,
            f'model.attention={attention!r} is invalid; allowed: {", ".join(ATTENTION)}.')
 
