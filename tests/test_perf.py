@@ -156,10 +156,7 @@ class CountingIterator:
   def __init__(self, count: int, fail_at: int | None = None):
     self.drawn, self.count, self.fail_at = 0, count, fail_at
 
-  def __iter__(self):
-    return self
-
-  def __next__(self):
+  def __next__(self):  # no __iter__: the loop's iterators need only __next__ and states
     if self.drawn == self.fail_at:
       raise OSError('disk gone')
     if self.drawn == self.count:
@@ -189,6 +186,9 @@ def test_device_prefetch_keeps_the_consumed_data_position():
   with pytest.raises(StopIteration):
     next(batches)
   batches.close()
+  inline = DevicePrefetch(CountingIterator(3), mesh, size=0)  # no read-ahead at all
+  assert int(next(inline)['inputs'][0, 0]) == 0 and inline.get_state() == {'drawn': 1}
+  assert inline._iterator.drawn == 1
   failing = DevicePrefetch(CountingIterator(5, fail_at=1), mesh)
   next(failing)
   with pytest.raises(OSError, match='disk gone'):

@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_s = 0.0  # also evaluate every this many seconds of training (0: off)
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
+  c.train.prefetch = 2  # batches put on the devices ahead of the step (0: drawn when needed)
 
   c.mesh = ml_collections.ConfigDict()
   # Sizes of the ('data', 'fsdp', 'tensor') mesh axes; -1 takes the remaining devices.

@@ -161,7 +161,7 @@ def run(job: Job) -> Summary:
     return metrics
 
   # Batches go to the devices while the previous step runs; its state is what was consumed.
-  batches = DevicePrefetch(job.train_iterator, mesh)
+  batches = DevicePrefetch(job.train_iterator, mesh, tc.get('prefetch', 2))
 
   def save(state):
     checkpoint.save(mngr, int(state.step), state, batches.get_state(), progress)

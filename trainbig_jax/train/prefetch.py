@@ -5,7 +5,8 @@ A background thread draws host batches from the (grain) iterator and places them
 the step never waits for the data pipeline unless the pipeline is slower than the step.
 Checkpoints must record the data position of the batches the loop has *consumed*, not of
 those drawn ahead: each batch travels with the iterator state right after it was drawn,
-and `get_state()` returns the state of the last batch handed out.
+and `get_state()` returns the state of the last batch handed out. size=0 draws each batch
+when asked, in the caller's thread (no read-ahead).
 """
 
 from __future__ import annotations
@@ -29,14 +30,20 @@ class DevicePrefetch:
                size: int = 2):
     self._iterator, self._mesh = iterator, mesh
     self._state = iterator.get_state()
-    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._fill, daemon=True, name='DevicePrefetch')
-    self._thread.start()
+    self._thread = None
+    if size > 0:
+      self._thread = threading.Thread(target=self._fill, daemon=True, name='DevicePrefetch')
+      self._thread.start()
 
   def _fill(self) -> None:
     try:
-      for host_batch in self._iterator:
+      while True:
+        try:
+          host_batch = next(self._iterator)  # iterators with __next__ only are allowed
+        except StopIteration:
+          break
         item = (partitioning.global_batch(host_batch, self._mesh), self._iterator.get_state())
         while not self._stop.is_set():
           try:
@@ -54,6 +61,10 @@ class DevicePrefetch:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
+    if self._thread is None:
+      batch = partitioning.global_batch(next(self._iterator), self._mesh)
+      self._state = self._iterator.get_state()
+      return batch
     batch, state = self._queue.get()
     if batch is _DONE:
       self._queue.put((_DONE, state))  # every later call ends the same way
@@ -74,4 +85,5 @@ class DevicePrefetch:
         self._queue.get_nowait()
       except queue.Empty:
         break
-    self._thread.join(timeout=10)
+    if self._thread is not None:
+      self._thread.join(timeout=10)
