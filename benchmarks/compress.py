@@ -6,15 +6,19 @@ random normal weights, shapes from the model itself) and times pruning, quantiza
 compressed storage (seconds, and true stored bytes against dense fp32).
 Part 2 pretrains a small run for a few steps (`--eval_preset`, default width256), compresses it
 (int8 and prune50_int4) and times `trainbig eval` on the dense and the compressed checkpoints:
-load time (dequantization included) and evaluation examples/s.
+load time (dequantization included) and evaluation examples/s, each checkpoint through the
+float path and the int8 one (`trainbig eval --int8`: int8 x int8 -> int32 matmuls).
 
   python benchmarks/compress.py [--out_dir=/tmp/x] [--eval_preset=width256] [--skip_transforms]
+      [--dtypes=float32,bfloat16] [--eval_repeats=3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import tempfile
 import time
 from typing import Any, Callable
@@ -105,30 +109,56 @@ def transform_timings(out_dir: str) -> None:
     print(f'{name:<{width}}  {seconds:8.2f}  {notes}')
 
 
-def eval_throughput(out_dir: str, preset: str, steps: int) -> None:
-  """Dense vs compressed checkpoints of one run through the same compiled evaluation."""
+def eval_throughput(out_dir: str, preset: str, steps: int, dtype: str = 'float32',
+                    repeats: int = 3, batch_size: int = 32, seq_len: int = 128,
+                    vocab_size: int = 8000) -> list[dict[str, Any]]:
+  """Dense vs compressed checkpoints of one run, each through the float evaluation (compressed:
+  dequantized at load) and the int8 one (`trainbig eval --int8`); repeated in turn, median
+  examples/s, so that load from other jobs falls on every path alike."""
   from trainbig_jax.evaluate import evaluate_checkpoint
   from trainbig_jax.tasks.mlm import pretrain
   config = pretrain_configs.get_config(preset)
-  config.data.vocab_size, config.data.seq_len, config.model.max_len = 8000, 128, 130
+  config.data.vocab_size, config.data.seq_len = vocab_size, seq_len
+  config.model.max_len = seq_len + 2
   config.data.num_eval_batches = 4
-  config.train.batch_size, config.train.total_steps = 32, steps
+  config.model.dtype = dtype
+  config.train.batch_size, config.train.total_steps = batch_size, steps
   config.train.warmup_steps = 1
-  run = os.path.join(out_dir, f'run_{preset}')
+  run = os.path.join(out_dir, f'run_{preset}_{dtype}')
   pretrain(config, run)
   targets = {'dense': run}
   for name in ('int8', 'prune50_int4'):
-    targets[name] = os.path.join(out_dir, f'{preset}_{name}')
-    compress_checkpoint(run, compress_configs.get_config(name), targets[name])
+    targets[name] = os.path.join(out_dir, f'{preset}_{dtype}_{name}')
+    if not os.path.exists(targets[name]):
+      compress_checkpoint(run, compress_configs.get_config(name), targets[name])
+  paths = [(name, path, int8) for name, path in targets.items() for int8 in (False, True)]
+  speeds = {key: [] for key in paths}
+  results = {}
+  for _ in range(repeats):
+    for key in paths:
+      name, path, int8 = key
+      results[key] = evaluate_checkpoint(path, int8=int8)
+      speeds[key].append(results[key]['examples_per_s'])
   print(f'\nEval of {preset} ({config.model.num_layers} x {config.model.hidden}, seq '
-        f'{config.data.seq_len}) on {jax.device_count()} {jax.default_backend()} device(s):')
-  print(f'{"checkpoint":<14} {"stored MB":>10} {"load s":>8} {"examples/s":>11} '
-        f'{"eval_loss":>10}')
-  for name, path in targets.items():
+        f'{config.data.seq_len}, {dtype}) on {jax.device_count()} {jax.default_backend()} '
+        f'device(s), median of {repeats}; load average {os.getloadavg()[0]:.1f}:')
+  print(f'{"checkpoint":<14} {"matmuls":<8} {"stored MB":>10} {"load s":>8} '
+        f'{"examples/s":>11} {"vs dense":>9} {"eval_loss":>10} {"accuracy":>9}')
+  dense_speed = statistics.median(speeds['dense', run, False])
+  rows = []
+  for key in paths:
+    name, path, int8 = key
     load_s, _ = timed(lambda: load_checkpoint_params(path)[0])
-    result = evaluate_checkpoint(path)
-    print(f'{name:<14} {result["stored_bytes"] / 1e6:10.2f} {load_s:8.2f} '
-          f'{result["examples_per_s"]:11.1f} {result["eval_loss"]:10.4f}')
+    result, speed = results[key], statistics.median(speeds[key])
+    matmuls = 'int8' if int8 else dtype.replace('float', 'fp').replace('bfloat', 'bf')
+    print(f'{name:<14} {matmuls:<8} {result["stored_bytes"] / 1e6:10.2f} {load_s:8.2f} '
+          f'{speed:11.1f} {speed / dense_speed:8.2f}x {result["eval_loss"]:10.4f} '
+          f'{result["eval_accuracy"]:9.4f}')
+    rows.append({'checkpoint': name, 'matmuls': matmuls, 'dtype': dtype,
+                 'stored_bytes': result['stored_bytes'], 'load_s': load_s,
+                 'examples_per_s': speed, 'vs_dense': speed / dense_speed,
+                 'eval_loss': result['eval_loss'], 'eval_accuracy': result['eval_accuracy']})
+  return rows
 
 
 def main() -> None:
@@ -137,12 +167,23 @@ def main() -> None:
   parser.add_argument('--eval_preset', default='width256', help='pretrain preset for part 2')
   parser.add_argument('--eval_steps', type=int, default=5, help='pretraining steps for part 2')
   parser.add_argument('--skip_transforms', action='store_true', help='only part 2')
+  parser.add_argument('--dtypes', default='float32',
+                      help='activation dtypes of part 2, comma-separated (bfloat16 on a GPU)')
+  parser.add_argument('--eval_repeats', type=int, default=3, help='evaluations of each path')
+  parser.add_argument('--eval_batch_size', type=int, default=32)
+  parser.add_argument('--eval_seq_len', type=int, default=128)
+  parser.add_argument('--eval_vocab_size', type=int, default=8000)
   args = parser.parse_args()
   out_dir = args.out_dir or tempfile.mkdtemp(prefix='compress_bench_')
   print(f'jax {jax.__version__}, {os.cpu_count()} CPUs, backend {jax.default_backend()}')
   if not args.skip_transforms:
     transform_timings(out_dir)
-  eval_throughput(out_dir, args.eval_preset, args.eval_steps)
+  rows = []
+  for dtype in args.dtypes.split(','):
+    rows += eval_throughput(out_dir, args.eval_preset, args.eval_steps, dtype,
+                            args.eval_repeats, args.eval_batch_size, args.eval_seq_len,
+                            args.eval_vocab_size)
+  print(json.dumps({'eval': rows}))
 
 
 if __name__ == '__main__':

@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            '1024 on CPU')
   parser.add_argument('--matmul_reps', type=int, default=None,
                       help='timed matmul repetitions; default: about 2 s worth')
+  parser.add_argument('--pipeline_batches', type=int, default=0,
+                      help='also time the data pipeline alone (the embedded corpus, the '
+                           'trainer\'s packing and masking) over this many host batches')
+  parser.add_argument('--pipeline_workdir', default=None,
+                      help='where its tokenizer is trained once and reused (default: a temp dir)')
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f'--steps={args.steps} must be at least 1.')
@@ -129,14 +134,15 @@ def xla_flops(compiled) -> float | None:
   return float(flops) * jax.device_count()
 
 
-def time_train(config, num_steps: int) -> dict[str, Any]:
+def prepare_train(config) -> dict[str, Any]:
+  """The trainer's model, sharded state and compiled train step, with synthetic batches on the
+  devices; `run(state, i)` does step i and returns (state, metrics) without waiting."""
   m, d = config.model, config.data
   model = Encoder(encoder_config(m, vocab_size=d.vocab_size))
   mesh = partitioning.make_mesh(config.mesh.shape)
   tx = make_optimizer(config.train)
   state, shardings = create_sharded_state(init_params_fn(model, config), tx, mesh,
                                           jax.random.key(config.seed))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   replicated = NamedSharding(mesh, P())
   # The trainer's loss (tasks/mlm.py) and step, jitted with its shardings (train/loop.py).
   predictions = max_predictions(d.seq_len, d.mask_rate)
@@ -145,22 +151,41 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
       in_shardings=(shardings, partitioning.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=(0,))
   rng = np.random.default_rng(0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+  rules = partitioning.LOGICAL_AXIS_RULES
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batches = [partitioning.global_batch(
         synthetic_batch(rng, config.train.batch_size, d.seq_len, d.vocab_size, d), mesh)
         for _ in range(NUM_DISTINCT_BATCHES)]
     dropout_rng = jax.random.key(config.seed + 1)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0], dropout_rng).compile()
+    lowered = step_fn.lower(state, batches[0], dropout_rng)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batches[0], dropout_rng)  # warm-up: first-run allocations
-    jax.device_get(metrics)
-    times = []
-    for i in range(num_steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batches[(i + 1) % len(batches)], dropout_rng)
-      metrics = jax.device_get(metrics)  # synchronise each step, as the trainer does
-      times.append(time.perf_counter() - t0)
+
+  def run(state, i: int):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return compiled(state, batches[i % len(batches)], dropout_rng)
+
+  return {'state': state, 'run': run, 'compiled': compiled, 'compile_s': compile_s,
+          'batches': batches, 'lowered': lowered,
+          'predictions': predictions,
+          'num_params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))}
+
+
+def time_train(config, num_steps: int) -> dict[str, Any]:
+  m, d = config.model, config.data
+  prepared = prepare_train(config)
+  state, run, compiled = prepared['state'], prepared['run'], prepared['compiled']
+  compile_s, predictions, num_params = (prepared['compile_s'], prepared['predictions'],
+                                        prepared['num_params'])
+  state, metrics = run(state, 0)  # warm-up: first-run allocations
+  jax.device_get(metrics)
+  times = []
+  for i in range(num_steps):
+    t0 = time.perf_counter()
+    state, metrics = run(state, i + 1)
+    metrics = jax.device_get(metrics)  # synchronise each step, as the trainer does
+    times.append(time.perf_counter() - t0)
   if not np.isfinite(metrics['train_loss']):
     raise FloatingPointError(f'train_loss became {metrics["train_loss"]}; the numbers would '
                              'not mean anything.')
@@ -177,6 +202,26 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
                                    + 12.0 * m.num_layers * m.hidden * d.seq_len * tokens),
       'predictions_per_row': predictions,
   }
+
+
+def pipeline_tokens_per_s(config, num_batches: int, workdir: str | None = None) -> float:
+  """Tokens/s of ready host batches from the trainer's own pipeline (train/pretrain.py's
+  iterator: tokenize, pack, mask, batch) for this process, with no step consuming them."""
+  import tempfile
+  from trainbig_jax.data import mlm, sources
+  from trainbig_jax.data.tokenizer import train_or_load_tokenizer
+  workdir = workdir or tempfile.mkdtemp(prefix='pipeline_bench_')
+  config = config.copy_and_resolve_references()
+  config.data.tokenizer_max_chars = min(config.data.tokenizer_max_chars, 4_000_000)
+  sources.prepare(config.data.dataset, config.data.data_dir)
+  tokenizer = train_or_load_tokenizer(config.data, workdir)
+  batches = mlm.pretrain_train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  next(batches)  # opens the files, starts any workers
+  tokens, t0 = 0, time.perf_counter()
+  for _ in range(num_batches):
+    tokens += next(batches)['inputs'].size
+  return tokens / (time.perf_counter() - t0)
 
 
 def matmul_flops_per_s(n: int, dtype, reps: int | None = None) -> float:
@@ -226,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   dtypes = ['float32'] + ([config.model.dtype] if config.model.dtype != 'float32' else [])
   matmul = {dt: matmul_flops_per_s(n, DTYPES[dt], args.matmul_reps) for dt in dtypes}
   reference = matmul[config.model.dtype]
+  pipeline = (pipeline_tokens_per_s(config, args.pipeline_batches, args.pipeline_workdir)
+              if args.pipeline_batches else None)
   xla_fs = train['xla_flops_per_step'] and train['xla_flops_per_step'] / step_s
   analytic_fs = train['analytic_flops_per_step'] / step_s
   result = {
@@ -246,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       'matmul_size': n, **{f'matmul_{dt}_flops_per_s': v for dt, v in matmul.items()},
       'mfu_proxy_analytic': analytic_fs / reference,
       'mfu_proxy_xla': xla_fs and xla_fs / reference,
+      'pipeline_tokens_per_s_per_process': pipeline,
+      'pipeline_over_step': pipeline and pipeline * jax.process_count() / (
+          train['tokens_per_step'] / step_s),
   }
   rows = [
       ('device', f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), '
@@ -265,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       ('train FLOP/s (XLA)', _si(xla_fs, 'FLOP/s')),
       ('train FLOP/s (analytic)', _si(analytic_fs, 'FLOP/s')),
       *[(f'matmul {n}^2 {dt}', _si(v, 'FLOP/s')) for dt, v in matmul.items()],
+      ('data pipeline alone', 'not measured (--pipeline_batches)' if pipeline is None else
+       f'{pipeline:,.0f} tokens/s per process, {result["pipeline_over_step"]:.1f}x the step'),
       (f'MFU proxy vs {config.model.dtype} matmul',
        f'{result["mfu_proxy_analytic"]:.1%} analytic'
        + (f', {result["mfu_proxy_xla"]:.1%} XLA' if result['mfu_proxy_xla'] else '')),

@@ -90,6 +90,7 @@ def train(workdir: str | Path, total_steps: int, checkpoint_every: int,
   c = config(total_steps, checkpoint_every)
   sigterm_at_step = None
   if sigterm_at:
+    c.train.prefetch = 0  # the signal is timed by batch fetches, which read-ahead moves earlier
     process, step = (int(x) for x in sigterm_at.split(':'))
     sigterm_at_step = step if process == jax.process_index() else None
   model = Encoder(encoder_config(c.model, vocab_size=c.data.vocab_size))

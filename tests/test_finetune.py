@@ -77,11 +77,19 @@ def layer_kernels(params):
           if LAYER_KERNEL.search(p)}
 
 
-def test_finetuning_beats_the_majority_class(pretrained, tmp_path):
+@pytest.fixture(scope='module')
+def finetuned(pretrained, tmp_path_factory):
+  """(workdir, summary) of a run past the majority-class plateau, shared by the tests that
+  need a trained classifier."""
+  workdir = tmp_path_factory.mktemp('finetuned')
+  c = demo(**{'train.total_steps': 300, 'train.eval_every': 100, 'train.learning_rate': 1e-3})
+  return workdir, finetune(c, pretrained, workdir)
+
+
+def test_finetuning_beats_the_majority_class(finetuned):
   # Measured: 0.66-0.68 validation accuracy at step 300 (majority 0.578); the model leaves
   # the majority-class plateau around step 150-200.
-  c = demo(**{'train.total_steps': 300, 'train.eval_every': 100, 'train.learning_rate': 1e-3})
-  summary = finetune(c, pretrained, tmp_path)
+  tmp_path, summary = finetuned
   majority = classification.majority_class_accuracy('rotten_tomatoes', 'validation')
   history = evals(tmp_path)
   print(f'majority {majority:.4f}; accuracy by step '
@@ -93,6 +101,25 @@ def test_finetuning_beats_the_majority_class(pretrained, tmp_path):
   best = max(history.values(), key=lambda r: r['eval_accuracy'])
   assert best_metrics(tmp_path)['eval_accuracy'] == best['eval_accuracy']
   assert json.loads((tmp_path / checkpoint.CONFIG_FILE).read_text())['model']['hidden'] == 64
+
+
+def test_int8_eval_matches_the_dequantized_accuracy(finetuned, tmp_path):
+  workdir, _ = finetuned
+  out = tmp_path / 'int8'
+  compress_checkpoint(workdir, compress_configs.get_config('int8'), out)
+  dequantized = evaluate_checkpoint(out)
+  integer = evaluate_checkpoint(out, int8=True)
+  print(f"int8 checkpoint: dequantized accuracy {dequantized['eval_accuracy']:.4f} loss "
+        f"{dequantized['eval_loss']:.5f}; int8 matmuls {integer['eval_accuracy']:.4f} loss "
+        f"{integer['eval_loss']:.5f}")
+  assert (dequantized['matmuls'], integer['matmuls']) == ('float', 'int8')
+  # A classifier, not the majority class, so a broken int8 path would show.
+  majority = classification.majority_class_accuracy('rotten_tomatoes', 'validation')
+  assert dequantized['eval_accuracy'] > majority + 0.03
+  assert abs(integer['eval_accuracy'] - dequantized['eval_accuracy']) <= 0.005
+  # The activations really are quantized: the loss moves, a little.
+  assert integer['eval_loss'] != dequantized['eval_loss']
+  np.testing.assert_allclose(integer['eval_loss'], dequantized['eval_loss'], rtol=0.02)
 
 
 def test_pruned_finetuning_ends_at_exact_sparsity(pretrained, tmp_path):

@@ -3,7 +3,7 @@
   trainbig train     --config=configs/pretrain.py:demo --workdir=DIR [--config.FIELD=VALUE]
   trainbig finetune  --config=configs/finetune.py:demo --init_checkpoint=RUN --workdir=DIR
   trainbig compress  --checkpoint=RUN --config=configs/compress.py:PRESET --out=DIR
-  trainbig eval      --checkpoint=RUN_OR_COMPRESSED [--json]
+  trainbig eval      --checkpoint=RUN_OR_COMPRESSED [--int8] [--json]
   trainbig translate --checkpoint=RUN_OR_COMPRESSED --input=FILE|- [--output=FILE]
   trainbig sweep     --config=configs/sweep.py:demo --workdir=DIR
   trainbig report    --sweep=DIR
@@ -36,6 +36,8 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A run folder or a compres
 _INIT_CHECKPOINT = flags.DEFINE_string('init_checkpoint', None, 'Pretrained run to fine-tune.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (must not exist).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
+_INT8 = flags.DEFINE_bool('int8', False, 'eval: run the Dense layers as int8 x int8 -> int32 '
+                          'matmuls (a quantized checkpoint\'s own codes).')
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
@@ -111,7 +113,7 @@ def _compress(command: str) -> None:
 
 def _eval(command: str) -> None:
   from trainbig_jax.evaluate import evaluate_checkpoint
-  result = evaluate_checkpoint(_need(_CHECKPOINT, 'checkpoint', command))
+  result = evaluate_checkpoint(_need(_CHECKPOINT, 'checkpoint', command), int8=_INT8.value)
   if _JSON.value:
     print(json.dumps(result))
     return

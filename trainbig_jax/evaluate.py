@@ -3,7 +3,8 @@
 The checkpoint's own config names its task (trainbig_jax/tasks), which says what to evaluate:
 a pretraining run on its MLM validation batches, a fine-tuning run on its dataset's
 validation split. A compressed checkpoint is dequantized into a dense tree and evaluated by
-exactly the same compiled step.
+exactly the same compiled step; with
+`int8=True` (`--int8`) its Dense layers run as int8 matmuls instead (compress/int8.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from absl import logging
 
 from trainbig_jax import tasks
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
+from trainbig_jax.compress.int8 import int8_eval_inputs
 from trainbig_jax.data.tokenizer import load_tokenizer
 from trainbig_jax.models import layer_stack
 from trainbig_jax.train import checkpoint, loop, partitioning
@@ -35,7 +37,7 @@ def _mesh_for(config) -> jax.sharding.Mesh:
     return partitioning.make_mesh((-1, 1, 1))
 
 
-def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False) -> dict[str, Any]:
   """Evaluates a run folder or compressed checkpoint; returns metrics and storage facts."""
   path = Path(path)
   if not path.exists():
@@ -52,6 +54,12 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   batches = lambda: eval_batches
   mesh = _mesh_for(config)
   shardings = params_shardings(task.init_params_fn(model, config), mesh)
+  leaves = jax.tree.leaves(params)
+  if int8:
+    if task.extra_metrics_fn(model, config, tokenizer) is not None:
+      raise ValueError(f'--int8 evaluates the summed metrics of encoder tasks; {path} is a '
+                       f'{task.NAME!r} run, whose {task.PRIMARY_METRIC} needs the float path.')
+    params, shardings, sums_fn = int8_eval_inputs(params, shardings, sums_fn, mesh, path)
   try:
     params = jax.device_put(params, shardings)
   except ValueError as e:
@@ -68,11 +76,11 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if extra_metrics is not None:
       metrics.update(extra_metrics(params))
     seconds = time.perf_counter() - start
-  leaves = jax.tree.leaves(jax.device_get(params))
   examples = sum(task.count_examples(b) for b in batches())
   return {
       'checkpoint': str(path), 'task': config.get('task', task.NAME), 'task_kind': task.NAME,
-      'primary_metric': task.PRIMARY_METRIC, 'primary_mode': task.PRIMARY_MODE, **metrics,
+      'primary_metric': task.PRIMARY_METRIC, 'primary_mode': task.PRIMARY_MODE,
+      'matmuls': 'int8' if int8 else 'float', **metrics,
       'total_params': sum(int(x.size) for x in leaves),
       'nonzero_params': sum(int(np.count_nonzero(x)) for x in leaves),
       **facts, 'eval_examples': examples, 'eval_seconds': seconds,

@@ -277,6 +277,14 @@ def _expand_leaf(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
     return dense
   if encoding not in ('quantized', 'pruned_quantized'):
     raise CompressedCheckpointError(f'Unknown encoding {encoding!r} for {entry["path"]!r}.')
+  # The same dequantize as quantize.py, so loaded weights match it bit for bit.
+  return np.asarray(dequantize(_quantized_leaf(entry, arrays, mask)))
+
+
+def _quantized_leaf(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                    mask: np.ndarray | None) -> QuantizedTensor:
+  """The full-shape codes of a (pruned_)quantized leaf, pruned entries at the zero point."""
+  shape = tuple(entry['shape'])
   bits, symmetric = entry['bits'], entry['symmetric']
   codes = unpack_bits(arrays['values'], bits, entry['stored_values'])
   scale = np.asarray(arrays['scale'], np.float32)
@@ -291,10 +299,22 @@ def _expand_leaf(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
     full[mask] = codes
   else:
     full = codes.reshape(shape)
-  q = QuantizedTensor(values=full, scale=scale, zero_point=zero_point, bits=bits,
-                      symmetric=symmetric, channel_axis=entry['channel_axis'], dtype=entry['dtype'])
-  # The same dequantize as quantize.py, so loaded weights match it bit for bit.
-  return np.asarray(dequantize(q))
+  return QuantizedTensor(values=full, scale=scale, zero_point=zero_point, bits=bits,
+                         symmetric=symmetric, channel_axis=entry['channel_axis'],
+                         dtype=entry['dtype'])
+
+
+def quantized_leaves(compressed: CompressedParams) -> dict[str, QuantizedTensor]:
+  """{path: QuantizedTensor} of the quantized leaves, with their stored codes (for integer
+  inference, compress/int8.py); pruned entries hold the zero point."""
+  result = {}
+  for path, entry in compressed.leaves.items():
+    if entry['encoding'] in ('quantized', 'pruned_quantized'):
+      arrays = compressed.payload[path]
+      mask = (decode_mask(entry['mask_encoding'], arrays['mask'], tuple(entry['shape']))
+              if entry['encoding'] == 'pruned_quantized' else None)
+      result[path] = _quantized_leaf(entry, arrays, mask)
+  return result
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

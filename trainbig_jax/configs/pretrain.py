@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'dots_with_no_batch_dims_saveable' (see models/encoder.py REMAT_POLICIES).
   c.model.scan_layers = False
   c.model.remat = 'none'
+  # SelfAttention: 'einsum', 'xla', 'cudnn' or 'auto' (cuDNN where it fits, else XLA); the
+  # fused paths take no attention dropout, so training with it uses 'einsum' (encoder.py).
+  c.model.attention = 'auto'
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256  # global sequences per optimizer step
@@ -93,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Non-finite steps (loss, gradient norm or update) skipped in a row before the run stops;
   # 0 stops at the first. A skipped step keeps the parameters and moves on to the next batch.
   c.train.max_nonfinite_skips = 0
+  c.train.prefetch = 2  # batches put on the devices ahead of the step (0: drawn when needed)
 
   c.mesh = ml_collections.ConfigDict()
   # Sizes of the ('data', 'fsdp', 'tensor') mesh axes; -1 takes the remaining devices.

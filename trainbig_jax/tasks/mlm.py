@@ -15,7 +15,8 @@ import optax
 
 from trainbig_jax.data import checks, mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
-from trainbig_jax.models.encoder import DTYPES, REMAT_POLICIES, Encoder, encoder_config
+from trainbig_jax.models.encoder import (ATTENTION, DTYPES, REMAT_POLICIES, Encoder,
+                                         encoder_config)
 from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.checks import ConfigError, check_train_config, require
 from trainbig_jax.train.state import make_optimizer
@@ -42,6 +43,9 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
           f'model.scan_layers={m.get("scan_layers")!r} is invalid: True or False.')
   for name in ('dropout', 'attention_dropout'):
     require(0.0 <= m[name] < 1.0, f'model.{name}={m[name]!r} is invalid: allowed [0, 1).')
+  attention = m.get('attention', 'auto')
+  require(attention in ATTENTION,
+          f'model.attention={attention!r} is invalid; allowed: {", ".join(ATTENTION)}.')
 
 
 def check_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -97,7 +101,10 @@ def mlm_sums(model: nn.Module, max_predictions: int | None = None) -> SumsFn:
     logits = model.apply({'params': params}, inputs, train=train, task='mlm',
                          positions=positions, rngs={'dropout': rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = jnp.argmax(logits, -1) == targets
+    # The target has the largest logit: one max over the vocabulary, which the loss's
+    # logsumexp also takes, instead of an argmax (a slow variadic reduce on XLA CPU).
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = target_logits >= jnp.max(logits, axis=-1)
     return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
             'correct': jnp.sum(correct * weights),
             'tokens': jnp.sum(inputs != model.cfg.pad_id).astype(jnp.float32)}

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainbig_jax.train import checkpoint, distributed, partitioning, runlock
 from trainbig_jax.train.metrics import MetricWriter
+from trainbig_jax.train.prefetch import DevicePrefetch
 from trainbig_jax.train.state import (TrainState, abstract_state, create_sharded_state,
                                       learning_rate_schedule)
 from trainbig_jax.train.steps import SumsFn, make_eval_step, make_train_step
@@ -199,8 +200,11 @@ def run(job: Job) -> Summary:
       job.on_eval(int(state.step), state, metrics)
     return metrics
 
+  # Batches go to the devices while the previous step runs; its state is what was consumed.
+  batches = DevicePrefetch(job.train_iterator, mesh, tc.get('prefetch', 2))
+
   def save(state):
-    checkpoint.save(mngr, int(state.step), state, job.train_iterator.get_state(), progress)
+    checkpoint.save(mngr, int(state.step), state, batches.get_state(), progress)
 
   # The evaluation saved with the restored checkpoint: when it is of that very step (a run
   # killed after its last save), a rerun neither repeats it nor logs that step twice.
@@ -226,7 +230,7 @@ def run(job: Job) -> Summary:
         stopped_by = 'signal'
         break
       t0 = time.perf_counter()
-      batch = partitioning.global_batch(next(job.train_iterator), mesh)
+      batch = next(batches)
       if compiled is None:  # compile outside the training clock
         compiled = train_step.lower(state, batch, dropout_rng).compile()
         t0 = time.perf_counter()
@@ -264,6 +268,7 @@ def run(job: Job) -> Summary:
       last_eval = run_eval(state)
     if mngr.latest_step() != step:
       save(state)
+  batches.close()
   mngr.close()
   writer.close()
   if stopped_by == 'signal':
