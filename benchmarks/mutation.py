@@ -62,11 +62,20 @@ def _toml_list(items: list[str]) -> str:
   return '[' + ', '.join(repr(x).replace("'", '"') for x in items) + ']'
 
 
-def prepare(name: str, work_root: Path) -> Path:
-  """A scratch copy of the package and the module's tests, with mutmut configured for it."""
+def prepare(name: str, work_root: Path, keep_results: bool = False) -> Path:
+  """A scratch copy of the package and the module's tests, with mutmut configured for it.
+
+  With keep_results, an earlier run's copy keeps mutmut's results and only its tests are
+  refreshed (to retest that run's survivors against new tests).
+  """
   module, tests = MODULES[name]
   tests = [t for t in tests if (REPO / t.split('::')[0]).exists()]
   work = work_root / name
+  if keep_results and (work / 'mutants').is_dir():
+    for tests_dir in (work / 'tests', work / 'mutants' / 'tests'):
+      shutil.rmtree(tests_dir, ignore_errors=True)
+      shutil.copytree(REPO / 'tests', tests_dir, ignore=shutil.ignore_patterns('__pycache__'))
+    return work
   if work.exists():
     shutil.rmtree(work)
   work.mkdir(parents=True)
@@ -89,20 +98,7 @@ use_git_change_detection = false
   return work
 
 
-def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool) -> dict:
-  work = prepare(name, work_root)
-  env = dict(os.environ)
-  env.pop('PYTHONPATH', None)  # mutmut puts its mutants/ copy first on the path itself
-  env.setdefault('TRAINBIG_TEST_DATA_DIR', os.environ.get('TRAINBIG_DATA_DIR', ''))
-  if not env['TRAINBIG_TEST_DATA_DIR']:
-    env.pop('TRAINBIG_TEST_DATA_DIR')
-  mutmut = [sys.executable, '-m', 'mutmut']
-  start = time.time()
-  log = work / 'mutmut-run.log'
-  with open(log, 'w') as f:
-    proc = subprocess.run(mutmut + ['run', f'--max-children={max_children}'], cwd=work,
-                          env=env, stdout=f, stderr=subprocess.STDOUT)
-  seconds = time.time() - start
+def _statuses(mutmut: list[str], work: Path, env: dict) -> dict[str, str]:
   out = subprocess.run(mutmut + ['results', '--all', 'true'], cwd=work, env=env,
                        capture_output=True, text=True).stdout
   statuses: dict[str, str] = {}
@@ -110,6 +106,28 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool) 
     m = re.match(r'\s*(\S+): (.+)$', line)
     if m:
       statuses[m.group(1)] = m.group(2).strip()
+  return statuses
+
+
+def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
+               retest_survivors: bool = False) -> dict:
+  work = prepare(name, work_root, keep_results=retest_survivors)
+  env = dict(os.environ)
+  env.pop('PYTHONPATH', None)  # mutmut puts its mutants/ copy first on the path itself
+  env.setdefault('TRAINBIG_TEST_DATA_DIR', os.environ.get('TRAINBIG_DATA_DIR', ''))
+  if not env['TRAINBIG_TEST_DATA_DIR']:
+    env.pop('TRAINBIG_TEST_DATA_DIR')
+  mutmut = [sys.executable, '-m', 'mutmut']
+  names = []
+  if retest_survivors:  # mutmut reruns the mutants it is given by name
+    names = [k for k, v in _statuses(mutmut, work, env).items() if v not in KILLED]
+  start = time.time()
+  log = work / ('mutmut-retest.log' if retest_survivors else 'mutmut-run.log')
+  with open(log, 'w') as f:
+    proc = subprocess.run(mutmut + ['run', f'--max-children={max_children}'] + names, cwd=work,
+                          env=env, stdout=f, stderr=subprocess.STDOUT)
+  seconds = time.time() - start
+  statuses = _statuses(mutmut, work, env)
   survivors = sorted(k for k, v in statuses.items() if v not in KILLED)
   killed = len(statuses) - len(survivors)
   result = {'name': name, 'module': MODULES[name][0], 'total': len(statuses), 'killed': killed,
@@ -137,14 +155,17 @@ def main() -> None:
                       help='mutants tested at once (default 2: a 2-core machine)')
   parser.add_argument('--work_dir', default=str(REPO / 'build' / 'mutation'))
   parser.add_argument('--show_diffs', action='store_true', help='print each survivor\'s diff')
+  parser.add_argument('--retest_survivors', action='store_true',
+                      help='keep the last run\'s results and retest only its survivors against '
+                           'the current tests (after adding tests)')
   args = parser.parse_args()
   names = args.modules or list(MODULES)
   unknown = [n for n in names if n not in MODULES]
   if unknown:
     parser.error(f'unknown module(s) {", ".join(unknown)}; known: {", ".join(MODULES)}')
   print(f'{"module":<11} killed/total            time  file', flush=True)
-  results = [run_module(n, Path(args.work_dir), args.max_children, args.show_diffs)
-             for n in names]
+  results = [run_module(n, Path(args.work_dir), args.max_children, args.show_diffs,
+                        args.retest_survivors) for n in names]
   print('\nsummary (share of mutants killed):')
   for r in results:
     share = 100 * r['killed'] / r['total'] if r['total'] else float('nan')

@@ -7,14 +7,13 @@ off-by-one (`<` for `<=`, min for max, first for mean, a dropped tie-break) give
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 
 from trainbig_jax.experiments import claims as claims_lib
 from trainbig_jax.experiments.claims import CLAIM_KEYS, evaluate_claims
 
-from test_report import BIG, SMALL, make_curves, make_results, power_curve
+from test_report import SMALL, make_curves, make_results
 
 LOSS, ROBUST, EQUAL_SIZE = CLAIM_KEYS
 
@@ -238,6 +237,50 @@ def test_claim2_uses_the_harshest_common_setting():
       'smallest).')
 
 
+def test_claim2_sparsities_equal_to_6_decimals_are_one_setting():
+  # 0.9 computed two ways (e.g. 1 - 0.1 vs a grid value) is one sparsity setting.
+  rows = robust_rows(0.01, 0.02, [row('small', 'prune', 0.9, accuracy=0.5),
+                                  row('big', 'prune', 0.9000004, accuracy=0.88)])
+  v = claims_lib.claim_bigger_more_robust(rows)
+  assert v['evidence']['prune']['sparsity'] == 0.9
+  assert v['evidence']['prune']['drop'] == pytest.approx({'small': 0.3, 'big': 0.02})
+
+
+def test_claim2_uncompressed_cells_do_not_count_as_compressed():
+  # small's only 'prune' cell has sparsity 0 and its only 'quantize' cell 32 bits: it has no
+  # compressed cells, so neither sub-verdict has 2 sizes.
+  rows = [row('small', accuracy=0.8), row('big', accuracy=0.9),
+          row('small', 'prune', 0.0, accuracy=0.8), row('big', 'prune', 0.5, accuracy=0.85),
+          row('small', 'quantize', bits=32, accuracy=0.8),
+          row('big', 'quantize', bits=4, accuracy=0.85)]
+  v = claims_lib.claim_bigger_more_robust(rows)
+  assert v['held'] is None
+  assert v['evidence']['prune']['reason'] == ('fewer than 2 sizes have both dense and prune '
+                                              'cells.')
+  assert v['evidence']['quantize']['reason'] == ('fewer than 2 sizes have both dense and '
+                                                 'quantize cells.')
+
+
+def test_claim2_mixed_cells_and_evidence_fields():
+  # prune_quantize cells mix the two effects and are left out of both sub-verdicts.
+  rows = robust_rows(0.01, 0.02, [
+      row('small', 'quantize', bits=4, accuracy=0.7), row('big', 'quantize', bits=4,
+                                                           accuracy=0.85),
+      row('big', 'prune_quantize', 0.5, 4, accuracy=0.0)])
+  v = claims_lib.claim_bigger_more_robust(rows)
+  assert v['evidence']['prune']['drop'] == pytest.approx({'small': 0.02, 'big': 0.01})
+  assert v['evidence']['quantize']['drop'] == pytest.approx({'small': 0.1, 'big': 0.05})
+  assert v['evidence']['prune']['models'] == ['small', 'big']
+  assert v['evidence']['rule'] == (
+      'held iff the largest model has the strictly smallest accuracy drop in every computable '
+      'sub-verdict (pruning at the highest common sparsity, quantization at the lowest common '
+      'bit width)')
+  assert v['evidence']['largest'] == 'big'
+  none = claims_lib.claim_bigger_more_robust(robust_rows(0.01, 0.02))['evidence']['quantize']
+  assert none == {'bits': None, 'drop': {}, 'held': None,
+                  'reason': 'the largest model big has no quantize cells.'}
+
+
 def test_claim2_both_subverdicts_must_hold():
   rows = robust_rows(0.01, 0.02, [row('small', 'quantize', bits=4, accuracy=0.79),
                                   row('big', 'quantize', bits=4, accuracy=0.8)])
@@ -356,6 +399,17 @@ def test_claim3_a_budget_out_of_reach_does_not_end_that_models_comparisons():
   assert v['evidence']['not_comparable'] == ['small/dense/0.0/32']
   assert [c['small_cell'] for c in v['evidence']['comparisons']] == ['small/other/0.1/32']
   assert v['held'] is True
+
+
+def test_claim3_cites_a_lost_budget_when_it_fails():
+  # Won at the tightest budget (small's 300 B cell), lost at small's dense 1000 B.
+  rows = [row('small', params=10, stored=1000, accuracy=0.95),
+          row('small', 'prune', 0.5, params=10, stored=300, accuracy=0.6),
+          row('big', params=20, stored=2000, accuracy=0.99),
+          row('big', 'prune', 0.75, params=20, stored=250, accuracy=0.75)]
+  v = claims_lib.claim_compressed_big_beats_small(rows)
+  assert v['held'] is False and v['evidence']['won'] == 1
+  assert 'e.g. at 0.001 MB, small dense scores 0.950' in v['explanation']
 
 
 def test_claim3_cites_the_tightest_budget_when_it_wins():

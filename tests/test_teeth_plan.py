@@ -17,7 +17,7 @@ from trainbig_jax.experiments import plan as plan_lib
 from test_report import make_results, power_curve, write_sweep
 
 TIMES = np.geomspace(2, 400, 12)
-# Three sizes; L(t) = a t^-b + c. Crossings: S/M at t = (2/1)^2 = 4 s... computed below.
+# Three sizes, L(t) = a t^-b + c, that take turns being lowest (crossings: see crossing()).
 TRUE = {'S': (2.0, 0.5, 4.0), 'M': (8.0, 0.5, 3.5), 'L': (40.0, 0.5, 2.5)}
 CURVES = {m: power_curve(*p, TIMES) for m, p in TRUE.items()}
 PARAMS = {'S': 100_000, 'M': 300_000, 'L': 800_000}

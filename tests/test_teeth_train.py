@@ -24,9 +24,10 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.train import checkpoint, loop
 from trainbig_jax.train.metrics import read_metrics
 
-from trainbig_jax.train.pretrain import pretrain  # noqa: E402  (task entry points)
-from trainbig_jax.train.finetune import finetune  # noqa: E402
-from trainbig_jax.train import finetune as _finetune_module  # noqa: E402
+# The task entry points (moving to trainbig_jax/tasks/): the only imports to change then.
+from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.train.finetune import finetune
+from trainbig_jax.train import finetune as _finetune_module
 
 BestCheckpoint = getattr(checkpoint, 'BestCheckpoint', None) or _finetune_module.BestCheckpoint
 
