@@ -38,8 +38,10 @@ def curve(times, losses):
 
 def test_model_sizes_take_the_largest_count_and_order_ties_by_name():
   rows = [row('b', params=50), row('a', params=50), row('c', params=10),
-          row('c', params=70)]  # a later row with a larger count wins
-  assert list(claims_lib.model_sizes(rows).items()) == [('a', 50), ('b', 50), ('c', 70)]
+          row('c', params=70), row('d', params=90), row('d', params=20), row('z', params=0)]
+  # The largest count of a model's rows, in either order.
+  assert list(claims_lib.model_sizes(rows).items()) == [
+      ('z', 0), ('a', 50), ('b', 50), ('c', 70), ('d', 90)]
   # Equal parameter counts: the largest model is the last name.
   assert claims_lib._largest({'a': 50, 'b': 50}) == 'b'
   assert claims_lib._largest({'b': 50, 'a': 50}) == 'b'
@@ -84,6 +86,8 @@ def test_loss_at_is_the_last_eval_at_or_before_t():
   assert claims_lib._loss_at(c, 29.9) == (4.0, 20.0, 30)
   assert claims_lib._loss_at(c, 0.0) == (9.0, 0.0, 10)
   assert claims_lib._loss_at(curve([5.0], [1.0]), 4.0) is None
+  # Two evals logged at the same time: the later line counts.
+  assert claims_lib._loss_at(curve([10.0, 10.0], [5.0, 4.0]), 10.0) == (4.0, 10.0, 20)
   # Unordered evals: the latest time at or before t, not the last one listed.
   assert claims_lib._loss_at(curve([20.0, 10.0], [4.0, 5.0]), 25.0) == (4.0, 20.0, 10)
 
@@ -107,7 +111,8 @@ def test_claim1_a_tie_in_loss_is_not_held():
   assert v['held'] is False
   assert v['evidence']['lowest_loss_model'] == 'small'
   curves['big']['eval_loss'][-1] = 3.999
-  assert claims_lib.claim_bigger_lower_loss(rows, curves)['held'] is True
+  won = claims_lib.claim_bigger_lower_loss(rows, curves)
+  assert won['held'] is True and won['evidence']['lowest_loss_model'] == 'big'
 
 
 def test_claim1_common_time_is_the_earliest_final_eval_and_a_step_function():
@@ -118,6 +123,7 @@ def test_claim1_common_time_is_the_earliest_final_eval_and_a_step_function():
   v = claims_lib.claim_bigger_lower_loss(rows, curves)
   ev = v['evidence']
   assert ev['time_s'] == 25
+  assert ev['total_params'] == {'small': 10, 'mid': 15, 'big': 20}
   assert ev['loss_at_time'] == {'small': 5.0, 'mid': 4.2, 'big': 4.5}
   assert ev['eval_time_used_s'] == {'small': 10, 'mid': 25, 'big': 20}
   assert ev['step_at_time'] == {'small': 20, 'mid': 30, 'big': 20}
@@ -152,23 +158,35 @@ def test_claim1_null_cases_name_what_is_missing():
   assert only_small['reason'] == ('needs eval curves of at least 2 sizes with results; have 1 '
                                   '(small).')
   assert only_small['evidence']['ignored_models_without_results'] == ['ghost']
+  assert only_small['evidence']['total_params'] == {'small': 10}
   none = claims_lib.claim_bigger_lower_loss(rows, {})
   assert none['reason'].endswith('have 0 (none).')
   no_big = claims_lib.claim_bigger_lower_loss(
       rows + [row('mid', params=15)], {'small': curve([10], [5.0]), 'mid': curve([10], [4.0])})
   assert no_big['reason'] == 'the largest model big has no pretraining eval curve.'
+  assert no_big['evidence']['total_params'] == {'small': 10, 'mid': 15}
   untrained = claims_lib.claim_bigger_lower_loss(
       rows, {'small': curve([0], [5.0]), 'big': curve([0, 10], [5.0, 4.0])})
   assert untrained['reason'] == 'no eval after training started for: small.'
+  assert untrained['evidence']['total_params'] == {'small': 10, 'big': 20}
+  neither = claims_lib.claim_bigger_lower_loss(
+      rows, {'small': curve([0], [5.0]), 'big': curve([0], [5.0])})
+  assert neither['reason'] == 'no eval after training started for: small, big.'
+  # Half a second of training is training: decided, not null.
+  brief = claims_lib.claim_bigger_lower_loss(
+      rows, {'small': curve([0, 0.5], [5.0, 4.9]), 'big': curve([0, 0.5], [5.0, 4.8])})
+  assert brief['held'] is True and brief['evidence']['time_s'] == 0.5
   late = claims_lib.claim_bigger_lower_loss(
       rows, {'small': curve([10], [5.0]), 'big': curve([11, 20], [5.0, 4.0])})
   assert late['held'] is None
   assert late['reason'] == ('the largest model big has no eval at or before the common time '
                             '10 s.')
+  assert late['evidence']['time_s'] == 10 and late['evidence']['loss_at_time'] == {'small': 5.0}
   alone = claims_lib.claim_bigger_lower_loss(
       rows, {'small': curve([11, 20], [5.0, 4.0]), 'big': curve([10], [4.0])})
   assert alone['held'] is None
   assert alone['reason'] == 'only big has an eval at or before 10 s.'
+  assert alone['evidence']['loss_at_time'] == {'big': 4.0}
   # An empty curve counts as no curve.
   empty = claims_lib.claim_bigger_lower_loss(rows, {'small': curve([], []),
                                                     'big': curve([10], [4.0])})
@@ -176,12 +194,16 @@ def test_claim1_null_cases_name_what_is_missing():
 
 
 def test_claim1_names_sizes_without_an_eval_at_the_common_time():
-  rows = [row('small', params=10), row('mid', params=15), row('big', params=20)]
+  rows = [row('small', params=10), row('mid', params=15), row('mid2', params=17),
+          row('big', params=20)]
   curves = {'small': curve([10, 20], [5.0, 4.0]), 'mid': curve([21, 22], [4.0, 3.0]),
-            'big': curve([10, 30], [3.5, 3.0])}
+            'mid2': curve([23], [3.0]), 'big': curve([10, 30], [3.5, 3.0])}
   v = claims_lib.claim_bigger_lower_loss(rows, curves)
   assert v['held'] is True
-  assert v['explanation'].endswith(' No eval at or before that time for: mid.')
+  assert v['explanation'] == (
+      'At 20 s of pretraining (the earliest final eval among sizes) the eval losses are small 4 '
+      '(step 20), big 3.5 (step 10); the largest model big is lowest. No eval at or before '
+      'that time for: mid, mid2.')
   assert set(v['evidence']['loss_at_time']) == {'small', 'big'}
 
 
@@ -281,6 +303,17 @@ def test_claim2_mixed_cells_and_evidence_fields():
                   'reason': 'the largest model big has no quantize cells.'}
 
 
+def test_claim2_explains_a_missing_pruning_subverdict():
+  rows = [row('small', accuracy=0.8), row('big', accuracy=0.9),
+          row('small', 'quantize', bits=4, accuracy=0.7),
+          row('big', 'quantize', bits=4, accuracy=0.85)]
+  v = claims_lib.claim_bigger_more_robust(rows)
+  assert v['held'] is True
+  assert v['explanation'] == (
+      'Pruning: not computable (the largest model big has no prune cells.); at 4 bits the '
+      'accuracy drops are small +0.100, big +0.050 (largest model smallest).')
+
+
 def test_claim2_both_subverdicts_must_hold():
   rows = robust_rows(0.01, 0.02, [row('small', 'quantize', bits=4, accuracy=0.79),
                                   row('big', 'quantize', bits=4, accuracy=0.8)])
@@ -314,11 +347,13 @@ def test_claim2_null_cases():
   assert claims_lib.claim_bigger_more_robust([row('a')])['reason'] == (
       'needs at least 2 model sizes; have 1.')
   no_dense_big = [row('small', params=10), row('big', 'prune', 0.5, params=20)]
-  assert claims_lib.claim_bigger_more_robust(no_dense_big)['reason'] == (
-      'the largest model big has no dense cell.')
+  v = claims_lib.claim_bigger_more_robust(no_dense_big)
+  assert v['reason'] == 'the largest model big has no dense cell.'
+  assert (v['evidence']['largest'], v['evidence']['dense_accuracy']) == ('big', {'small': 0.8})
   one_dense = [row('small', 'prune', 0.5, params=10), row('big', params=20)]
-  assert claims_lib.claim_bigger_more_robust(one_dense)['reason'] == (
-      'fewer than 2 sizes have a dense cell.')
+  v = claims_lib.claim_bigger_more_robust(one_dense)
+  assert v['reason'] == 'fewer than 2 sizes have a dense cell.'
+  assert v['evidence']['dense_accuracy'] == {'big': 0.8}
   dense_only = [row('small', params=10), row('big', params=20)]
   v = claims_lib.claim_bigger_more_robust(dense_only)
   assert v['held'] is None
