@@ -169,6 +169,10 @@ def test_claim1_null_cases_name_what_is_missing():
       rows, {'small': curve([0], [5.0]), 'big': curve([0, 10], [5.0, 4.0])})
   assert untrained['reason'] == 'no eval after training started for: small.'
   assert untrained['evidence']['total_params'] == {'small': 10, 'big': 20}
+  # Only sizes with nothing after step 0 are named, not one whose first eval is at 0.5 s.
+  partly = claims_lib.claim_bigger_lower_loss(
+      rows, {'small': curve([0], [5.0]), 'big': curve([0, 0.5], [5.0, 4.0])})
+  assert partly['reason'] == 'no eval after training started for: small.'
   neither = claims_lib.claim_bigger_lower_loss(
       rows, {'small': curve([0], [5.0]), 'big': curve([0], [5.0])})
   assert neither['reason'] == 'no eval after training started for: small, big.'
