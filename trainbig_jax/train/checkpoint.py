@@ -186,16 +186,24 @@ def _restore_step(mngr: ocp.CheckpointManager, target_state: Any, step: int):
   return restored['state'], restored['data'], restored['progress']
 
 
+# Settings a resumed run must share with the run it continues (None: the whole section). The
+# rest may change on resume, e.g. train.total_steps or budget_s to extend a run. A different
+# batch size was accepted silently: the run went on as another experiment (steps, schedule and
+# curves of another batch size) than the one its config.json records.
+RESUME_FIXED = {'model': None, 'data': None, 'train': ('batch_size',)}
+
+
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Saves the run's config; a resumed run must have the same model and data settings."""
+  """Saves the run's config; a resumed run must keep the settings in RESUME_FIXED."""
   path = Path(workdir) / CONFIG_FILE
   if path.exists():
     old = json.loads(path.read_text())
     new = json.loads(config.to_json())
-    for section in ('model', 'data'):
-      if old.get(section) != new.get(section):
-        diffs = sorted(k for k in set(old.get(section, {})) | set(new.get(section, {}))
-                       if old.get(section, {}).get(k) != new.get(section, {}).get(k))
+    for section, fixed in RESUME_FIXED.items():
+      keys = fixed or set(old.get(section, {})) | set(new.get(section, {}))
+      diffs = sorted(k for k in keys
+                     if old.get(section, {}).get(k) != new.get(section, {}).get(k))
+      if diffs:
         raise CheckpointError(
             f'{workdir} holds a run with other {section} settings ({", ".join(diffs)}); '
             f'use a new --workdir or the same config.')

@@ -1,0 +1,146 @@
+"""`trainbig plan` on constructed learning curves: it recommends the size its fitted curves say,
+at budgets on either side of every crossing, and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainbig_jax.experiments import plan as plan_lib
+
+from test_report import make_results, power_curve, write_sweep
+
+TIMES = np.geomspace(2, 400, 12)
+# Three sizes, L(t) = a t^-b + c, that take turns being lowest (crossings: see crossing()).
+TRUE = {'S': (2.0, 0.5, 4.0), 'M': (8.0, 0.5, 3.5), 'L': (40.0, 0.5, 2.5)}
+CURVES = {m: power_curve(*p, TIMES) for m, p in TRUE.items()}
+PARAMS = {'S': 100_000, 'M': 300_000, 'L': 800_000}
+
+
+def true_loss(m: str, t: float) -> float:
+  a, b, c = TRUE[m]
+  return a * t ** -b + c
+
+
+def crossing(m1: str, m2: str) -> float:
+  (a1, _, c1), (a2, _, c2) = TRUE[m1], TRUE[m2]
+  return ((a2 - a1) / (c1 - c2)) ** 2  # a1/sqrt(t) + c1 == a2/sqrt(t) + c2
+
+
+def rows():
+  return make_results(params=PARAMS, dense={'S': 0.7, 'M': 0.8, 'L': 0.9},
+                      prune_drop={m: (lambda s: 0.1 * s) for m in PARAMS},
+                      quant_drop={m: (lambda b: 0.1 / b) for m in PARAMS})
+
+
+def test_fits_recover_each_curve():
+  fits = plan_lib.fit_learning_curves(CURVES)
+  for m, (a, b, c) in TRUE.items():
+    assert fits[m].form == 'a*t^-b+c' and fits[m].n_points == len(TIMES)
+    assert (fits[m].a, fits[m].b, fits[m].c) == pytest.approx((a, b, c), rel=0.02, abs=0.02)
+    assert fits[m].t_min_s == pytest.approx(2.0) and fits[m].t_max_s == pytest.approx(400.0)
+    assert fits[m].rmse < 1e-3
+
+
+@pytest.mark.parametrize('factor', [0.5, 2.0])
+def test_recommends_the_size_the_curves_say_on_either_side_of_each_crossing(factor):
+  # S/M cross at 144 s, M/L at 1024 s (S/L at 245 s, where M is best anyway).
+  assert crossing('S', 'M') == pytest.approx(144.0) and crossing('M', 'L') == pytest.approx(1024)
+  for t_cross in (crossing('S', 'M'), crossing('M', 'L')):
+    t = t_cross * factor
+    rec = plan_lib.recommend(rows(), CURVES, train_budget_s=t, serve_budget_mb=10.0)
+    truth = min(TRUE, key=lambda m: true_loss(m, t))
+    assert rec['size'] == truth, (t, rec['predicted_loss'])
+    for m in TRUE:
+      assert rec['predicted_loss'][m] == pytest.approx(true_loss(m, t), rel=0.01)
+    assert rec['extrapolation'] == pytest.approx(t / 400.0)
+    assert bool(rec['warnings']) == (t / 400.0 > plan_lib.EXTRAPOLATION_WARN)
+
+
+def test_equal_predictions_pick_the_larger_size():
+  same = power_curve(3.0, 0.5, 3.0, TIMES)
+  rec = plan_lib.recommend(rows(), {'S': same, 'M': same, 'L': same}, 100.0, 10.0)
+  assert rec['size'] == 'L'
+
+
+def test_chosen_compression_is_the_most_accurate_cell_of_that_size_within_the_budget():
+  rs = rows()
+  rec = plan_lib.recommend(rs, CURVES, train_budget_s=2000.0, serve_budget_mb=0.3)
+  assert rec['size'] == 'L'
+  fitting = [r for r in rs if r['model'] == 'L' and r['stored_bytes'] <= 0.3e6]
+  best = max(fitting, key=lambda r: (r['accuracy'], -r['stored_bytes']))
+  assert rec['compression'] == {
+      'model': 'L', 'cell': best['cell'], 'method': best['method'],
+      'label': 'quantize 2-bit', 'sparsity': best['sparsity'], 'bits': best['bits'],
+      'stored_mb': best['stored_bytes'] / 1e6, 'accuracy': best['accuracy']}
+  assert rec['accuracy'] == best['accuracy']
+  every = [r for r in rs if r['stored_bytes'] <= 0.3e6]
+  assert rec['best_within_budget']['cell'] == max(
+      every, key=lambda r: (r['accuracy'], -r['stored_bytes']))['cell']
+  assert rec['train_budget_s'] == 2000.0 and rec['serve_budget_mb'] == 0.3
+  assert set(rec['fits']) == set(TRUE) and rec['fits']['L']['form'] == 'a*t^-b+c'
+
+
+def test_sizes_without_a_fit_are_named_and_skipped():
+  curves = dict(CURVES, L=power_curve(40.0, 0.5, 2.5, [10.0]))  # one eval: no fit
+  rec = plan_lib.recommend(rows(), curves, train_budget_s=2000.0, serve_budget_mb=10.0)
+  assert 'L' not in rec['predicted_loss'] and rec['size'] == 'M'
+  assert rec['warnings'][0] == 'no learning-curve fit (fewer than 2 evals) for: L.'
+  assert rec['warnings'][1] == (
+      'the training budget is 5.0x the longest observed time of M (400 s): the loss '
+      'prediction extrapolates far beyond the data.')
+  with pytest.raises(plan_lib.PlanError, match='no model size has both evaluated cells and a '
+                                               'pretraining curve with at least 2 evals'):
+    plan_lib.recommend(rows(), {'X': CURVES['S']}, 100.0, 10.0)
+  with pytest.raises(plan_lib.PlanError, match='the sweep has no evaluated cells'):
+    plan_lib.recommend([], CURVES, 100.0, 10.0)
+
+
+def test_extrapolation_warning_threshold_is_exclusive():
+  at = plan_lib.recommend(rows(), CURVES, train_budget_s=800.0, serve_budget_mb=10.0)
+  assert at['extrapolation'] == pytest.approx(2.0) and not at['warnings']
+
+
+def test_fit_uses_only_positive_finite_points_and_falls_back():
+  fit = plan_lib.fit_learning_curve([0, -1, 1, 2, 4, 8], [9, 9, 4.0, float('nan'), 1.0, 0.0])
+  assert fit.n_points == 2 and fit.form == 'a*t^-b' and fit.c == 0.0
+  assert (fit.a, fit.b) == pytest.approx((4.0, 1.0))
+  assert (fit.t_min_s, fit.t_max_s) == (1.0, 4.0) and fit.rmse == pytest.approx(0.0, abs=1e-9)
+  with pytest.raises(plan_lib.PlanError, match='needs at least 2 evals at t > 0; got 1'):
+    plan_lib.fit_learning_curve([0, 5], [3.0, 2.0])
+  rising = plan_lib._fit_no_floor(np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+  assert rising[1] == 0.0  # a rising curve gets exponent 0, never a negative one
+  assert plan_lib.fit_learning_curves({'one': power_curve(1, 1, 1, [3.0])}) == {}
+
+
+def test_format_recommendation_lines():
+  rec = plan_lib.recommend(rows(), CURVES, train_budget_s=2000.0, serve_budget_mb=0.3)
+  text = plan_lib.format_recommendation(rec).splitlines()
+  assert text[0] == 'Training budget 2000 s, serving budget 0.3 MB.'
+  assert text[1] == 'Predicted validation MLM loss at that budget:'
+  assert text[2].endswith('<- train this') and text[2].strip().startswith('L:')
+  assert [line.split(':')[0].strip() for line in text[2:5]] == ['L', 'M', 'S']
+  assert text[5] == 'Extrapolation: 5.00x the longest time observed for L.'
+  assert text[6].startswith('Compress it as quantize 2-bit: 0.2 MB, measured accuracy')
+  assert text[7].startswith('Best measured cell of any size within the serving budget: ')
+  assert text[8].startswith('warning: the training budget is 5.0x')
+
+
+def test_cli_plan_prints_the_recommendation(tmp_path):
+  sweep = write_sweep(tmp_path / 'sweep', rows(), CURVES)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.getcwd()] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  t = crossing('S', 'M') * 2
+  out = subprocess.run([sys.executable, '-m', 'trainbig_jax.cli', 'plan', f'--sweep={sweep}',
+                        f'--train_budget_s={t}', '--serve_budget_mb=10', '--json'],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  advice = json.loads(out.stdout.strip().splitlines()[-1])
+  assert advice['size'] == min(TRUE, key=lambda m: true_loss(m, t)) == 'M'
+  assert math.isclose(advice['predicted_loss']['M'], true_loss('M', t), rel_tol=0.01)

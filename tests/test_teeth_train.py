@@ -1,0 +1,247 @@
+"""The training clock, resuming, and fine-tuning's starting point and best evaluation.
+
+The clock is checked with a fake `time` in the loop: each training step takes exactly one
+fake second, while compilation, evaluation and checkpointing each jump the fake clock by a
+large, distinct amount. So `wall_time_s` equals the step count exactly when (and only when)
+none of them is counted, whatever the machine's speed.
+
+This is the one test module that names the task entry points (pretrain, finetune,
+BestCheckpoint); if they move, only the imports below change.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time as real_time
+
+import jax
+import numpy as np
+import pytest
+
+from trainbig_jax.configs import finetune as finetune_configs
+from trainbig_jax.configs import pretrain as pretrain_configs
+from trainbig_jax.train import checkpoint, loop
+from trainbig_jax.train.metrics import read_metrics
+
+# The task entry points: the only imports to change when they move.
+from trainbig_jax.tasks.classify import finetune
+from trainbig_jax.tasks.mlm import pretrain
+from trainbig_jax.train.best import BestCheckpoint as _BestCheckpoint
+
+
+def BestCheckpoint(workdir, min_step=0):
+  """Fine-tuning's best-checkpoint keeper: by accuracy, highest first."""
+  return _BestCheckpoint(workdir, 'eval_accuracy', 'max', min_step=min_step)
+
+COMPILE_S, EVAL_S, SAVE_S = 1e6, 1e4, 1e3
+
+
+class FakeClock:
+  """`time` for the loop: perf_counter reads a clock that only the hooks below advance."""
+
+  def __init__(self):
+    self.now = 0.0
+    self.steps = 0
+    self.signal_at_step = None
+    self.counted = {'compile': 0, 'eval': 0, 'save': 0}
+
+  def perf_counter(self):
+    return self.now
+
+  def __getattr__(self, name):  # anything else from the real module
+    return getattr(real_time, name)
+
+
+class _TimedStep:
+  def __init__(self, compiled, clock):
+    self._compiled, self._clock = compiled, clock
+
+  def __call__(self, *args, **kwargs):
+    out = self._compiled(*args, **kwargs)
+    clock = self._clock
+    clock.now += 1.0
+    clock.steps += 1
+    if clock.steps == clock.signal_at_step:
+      os.kill(os.getpid(), signal.SIGTERM)  # a preemption during this step
+    return out
+
+
+def install_clock(monkeypatch) -> FakeClock:
+  c = FakeClock()
+  monkeypatch.setattr(loop, 'time', c)
+  original_compile = jax.stages.Lowered.compile
+
+  def compile_(self, *args, **kwargs):
+    c.now += COMPILE_S
+    c.counted['compile'] += 1
+    return _TimedStep(original_compile(self, *args, **kwargs), c)
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
+  original_eval, original_save = loop.evaluate, checkpoint.save
+
+  def slow_eval(*args, **kwargs):
+    c.now += EVAL_S
+    c.counted['eval'] += 1
+    return original_eval(*args, **kwargs)
+
+  def slow_save(*args, **kwargs):
+    c.now += SAVE_S
+    c.counted['save'] += 1
+    return original_save(*args, **kwargs)
+
+  monkeypatch.setattr(loop, 'evaluate', slow_eval)
+  monkeypatch.setattr(checkpoint, 'save', slow_save)
+  return c
+
+
+def tiny(**train):
+  c = pretrain_configs.get_config('tiny')
+  c.train.update(dict(total_steps=10, eval_every=1000, eval_every_s=3.0, checkpoint_every=4,
+                      log_every=1, keep_checkpoints=5))
+  c.train.update(train)
+  return c
+
+
+def train_rows(workdir):
+  return [r for r in read_metrics(workdir) if 'train_loss' in r]
+
+
+def eval_steps(workdir):
+  return [r['step'] for r in read_metrics(workdir) if 'eval_loss' in r]
+
+
+def _run_with_clock(workdir, config, signal_at_step=None):
+  """pretrain under a fresh fake clock; returns (summary, clock)."""
+  mp = pytest.MonkeyPatch()
+  try:
+    c = install_clock(mp)
+    c.signal_at_step = signal_at_step
+    summary = pretrain(config, workdir)
+  finally:
+    mp.undo()
+  return summary, c
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('full')
+  summary, c = _run_with_clock(workdir, tiny())
+  return workdir, summary, c
+
+
+def test_clock_excludes_compilation_evaluation_and_checkpointing(full_run):
+  workdir, summary, c = full_run
+  # Everything slow happened, under the fake clock ...
+  assert c.counted['compile'] >= 1 and c.counted['eval'] >= 4 and c.counted['save'] >= 2
+  assert c.now > COMPILE_S + 4 * EVAL_S
+  # ... and none of it is on the training clock: one fake second per step, exactly.
+  assert summary.step == 10 and summary.stopped_by == 'steps'
+  assert summary.wall_time_s == 10.0
+  rows = train_rows(workdir)
+  assert [r['step'] for r in rows] == list(range(1, 11))
+  assert [r['wall_time_s'] for r in rows] == [float(s) for s in range(1, 11)]
+  assert np.all(np.diff([r['tokens'] for r in rows]) > 0)
+  assert summary.tokens == rows[-1]['tokens']
+
+
+def test_evaluations_by_training_clock_time(full_run):
+  workdir, _, _ = full_run
+  # eval_every_s=3: at 0 (start), after 3, 6 and 9 s of training, and at the end (10).
+  assert eval_steps(workdir) == [0, 3, 6, 9, 10]
+  evals = [r for r in read_metrics(workdir) if 'eval_loss' in r]
+  assert [r['wall_time_s'] for r in evals] == [0.0, 3.0, 6.0, 9.0, 10.0]
+
+
+def test_sigterm_and_resume_carry_the_clock_and_tokens_over(full_run, tmp_path):
+  full_dir, _, _ = full_run
+  full_tokens = {r['step']: r['tokens'] for r in train_rows(full_dir)}
+  # Preempted during step 4: a checkpoint at step 4 with 4 s of training on its clock.
+  first, _ = _run_with_clock(tmp_path, tiny(budget_s=7.0), signal_at_step=4)
+  assert (first.stopped_by, first.step, first.wall_time_s) == ('signal', 4, 4.0)
+  assert first.tokens == full_tokens[4]
+  # The rerun resumes with the same clock and token count: the 7 s budget is the whole
+  # run's, not 7 fresh seconds, and the evals follow the clock (6 s, then the end).
+  second, c = _run_with_clock(tmp_path, tiny(budget_s=7.0))
+  assert (second.stopped_by, second.step, second.wall_time_s) == ('budget', 7, 7.0)
+  assert second.tokens == full_tokens[7]
+  rows = train_rows(tmp_path)
+  assert [r['step'] for r in rows] == list(range(1, 8))
+  assert [r['wall_time_s'] for r in rows] == [float(s) for s in range(1, 8)]
+  assert [r['tokens'] for r in rows] == [full_tokens[s] for s in range(1, 8)]
+  assert eval_steps(tmp_path) == [0, 3, 6, 7]
+
+
+# ----------------------------------------------------------------------------- config on resume
+
+@pytest.mark.parametrize('field, value, allowed', [
+    ('train.total_steps', 99, True),
+    ('train.budget_s', 30.0, True),
+    ('train.eval_every', 7, True),
+    ('train.learning_rate', 1e-4, True),
+    ('train.grad_accum_steps', 2, True),  # the same gradient, in more pieces
+    ('train.batch_size', 32, False),  # the data position and token clock would not fit
+    ('data.mask_rate', 0.2, False),
+    ('data.seq_len', 16, False),
+    ('data.num_eval_batches', 3, False),
+    ('model.hidden', 64, False),
+])
+def test_resume_refuses_or_allows_config_changes_as_documented(tmp_path, field, value, allowed):
+  old = tiny()
+  checkpoint.write_config(tmp_path, old)
+  new = tiny()
+  section, name = field.split('.')
+  new[section][name] = value
+  if allowed:
+    checkpoint.write_config(tmp_path, new)
+    assert checkpoint.read_config(tmp_path)[section][name] == value
+  else:
+    before = (tmp_path / checkpoint.CONFIG_FILE).read_text()
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf'other {section} settings \({name}\); use a new --workdir'):
+      checkpoint.write_config(tmp_path, new)
+    assert (tmp_path / checkpoint.CONFIG_FILE).read_text() == before
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+class _State:
+  def __init__(self, value):
+    self.params = {'w': np.full((3,), value, np.float32)}
+
+
+def test_best_checkpoint_keeps_the_most_accurate_evaluation_not_the_latest(tmp_path):
+  best = BestCheckpoint(tmp_path)
+  for step, acc in ((0, 0.5), (10, 0.9), (20, 0.7), (30, 0.6)):
+    best.consider(step, _State(float(step)), {'eval_accuracy': acc, 'eval_loss': 1.0,
+                                              'step': step})
+  best.close()
+  assert checkpoint.params_step_dir(tmp_path).name == '10'
+  np.testing.assert_array_equal(checkpoint.restore_params(tmp_path)['w'], [10.0] * 3)
+
+
+def test_best_checkpoint_ignores_evaluations_before_min_step(tmp_path):
+  best = BestCheckpoint(tmp_path, min_step=20)
+  for step, acc in ((10, 0.99), (20, 0.6), (30, 0.7)):
+    best.consider(step, _State(float(step)), {'eval_accuracy': acc, 'step': step})
+  best.close()
+  assert checkpoint.params_step_dir(tmp_path).name == '30'
+
+
+def test_finetuning_starts_from_the_pretrained_encoder(full_run, tmp_path):
+  pretrained_dir, _, _ = full_run
+  c = finetune_configs.get_config('demo')
+  c.max_len = 32
+  c.train.update(dict(batch_size=16, total_steps=1, warmup_steps=5, eval_every=1,
+                      checkpoint_every=1, budget_s=0.0))
+  c.model.dropout = c.model.attention_dropout = 0.0
+  finetune(c, pretrained_dir, tmp_path)
+  pretrained = checkpoint.restore_params(pretrained_dir)
+  # The schedule's first step has learning rate 0, so every kept checkpoint holds the
+  # starting point: the encoder exactly as pretrained, plus a fresh classifier head.
+  tuned = checkpoint.restore_params(tmp_path)
+  assert 'classifier' in tuned and 'classifier' not in pretrained
+  encoder = {k: v for k, v in tuned.items() if k != 'classifier'}
+  for key in ('embed', 'layers_0', 'layers_1'):
+    jax.tree.map(np.testing.assert_array_equal, encoder[key], pretrained[key])
+  assert np.abs(np.asarray(pretrained['layers_0']['attention']['query']['kernel'])).max() > 0
