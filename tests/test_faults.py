@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -248,15 +247,16 @@ def test_sweep_cuts_a_torn_results_line_before_appending(tmp_path):
 
 def test_a_save_that_cannot_be_written_stops_in_one_line_and_keeps_the_previous(run, tmp_path):
   workdir = _copy(run, tmp_path)
-  limit = 200_000  # bytes per file: metrics lines fit, the step's largest array file does not
-
-  def small_files():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-  result = _cli(['train', '--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
-                 '--config.train.total_steps=12', '--config.train.checkpoint_every=4',
-                 '--config.train.eval_every=4', '--config.train.log_every=1',
-                 '--config.train.keep_checkpoints=5'], preexec_fn=small_files)
+  # At most 195 KiB per file (RLIMIT_FSIZE, set by the shell: no fork-time code in this
+  # multithreaded process): metrics lines fit, the step's largest array file does not.
+  args = ['train', '--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
+          '--config.train.total_steps=12', '--config.train.checkpoint_every=4',
+          '--config.train.eval_every=4', '--config.train.log_every=1',
+          '--config.train.keep_checkpoints=5']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  result = subprocess.run(
+      ['bash', '-c', 'ulimit -f 195 && exec "$0" -m trainbig_jax.cli "$@"', sys.executable,
+       *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2, result.stderr
   lines = _error_lines(result.stderr)
   assert len(lines) == 1 and 'Saving checkpoint step 12' in lines[0], result.stderr

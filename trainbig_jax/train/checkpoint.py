@@ -86,6 +86,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
         progress=ocp.args.JsonSave(progress)), force=True)
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # disk full, permissions, ...
+    ignore_abandoned_reads()  # the other writes of the failed save end in a closed loop too
     kept = (f'checkpoint step {previous} is intact' if previous is not None
             else 'no earlier checkpoint exists')
     raise CheckpointSaveError(
