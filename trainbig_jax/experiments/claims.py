@@ -124,7 +124,7 @@ def _mean_accuracy(rows: Iterable[Row]) -> float | None:
 
 # ----------------------------------------------------------------------------- claim 1
 
-def _loss_at(curve: Mapping[str, Sequence[float]], t: float) -> tuple[float, float, int] | None:
+def loss_at(curve: Mapping[str, Sequence[float]], t: float) -> tuple[float, float, int] | None:
   """(loss, eval time, step) of the last eval at or before wall-clock t, or None."""
   best = None
   for step, wt, loss in zip(curve['step'], curve['wall_time_s'], curve['eval_loss']):
@@ -163,7 +163,7 @@ def claim_bigger_lower_loss(results: Sequence[Row], curves: Curves) -> dict[str,
   if t_common <= 0:  # only the step-0 eval of some size exists: nothing was trained yet
     short = [m for m in models if max(curves[m]['wall_time_s']) <= 0]
     return _null(key, f'no eval after training started for: {", ".join(short)}.', evidence)
-  at = {m: _loss_at(curves[m], t_common) for m in models}
+  at = {m: loss_at(curves[m], t_common) for m in models}
   missing = [m for m in models if at[m] is None]
   budgets = sorted({float(r['pretrain_budget_s']) for r in results if r['model'] in models})
   evidence.update({
