@@ -107,7 +107,7 @@ def transform_timings(out_dir: str) -> None:
 def eval_throughput(out_dir: str, preset: str, steps: int) -> None:
   """Dense vs compressed checkpoints of one run through the same compiled evaluation."""
   from trainbig_jax.evaluate import evaluate_checkpoint
-  from trainbig_jax.train.pretrain import pretrain
+  from trainbig_jax.tasks.mlm import pretrain
   config = pretrain_configs.get_config(preset)
   config.data.vocab_size, config.data.seq_len, config.model.max_len = 8000, 128, 130
   config.data.num_eval_batches = 4

@@ -37,9 +37,9 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.data.mlm import mask_tokens, max_predictions
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
 from trainbig_jax.train import partitioning
-from trainbig_jax.train.pretrain import check_pretrain_config, init_params_fn
+from trainbig_jax.tasks.mlm import check_config, init_params_fn, mlm_sums
 from trainbig_jax.train.state import create_sharded_state, make_optimizer, path_str
-from trainbig_jax.train.steps import make_train_step, mlm_sums
+from trainbig_jax.train.steps import make_train_step
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask (data/tokenizer.py)
 NUM_DISTINCT_BATCHES = 2  # cycled, so no step can reuse a cached result
@@ -80,7 +80,7 @@ def build_config(args: argparse.Namespace):
     c.model.dtype = args.dtype
   c.train.grad_accum_steps = 1
   c.mesh.shape = args.mesh
-  check_pretrain_config(c)  # the trainer's own checks: same errors for bad sizes
+  check_config(c)  # the trainer's own checks: same errors for bad sizes
   return c
 
 
@@ -133,11 +133,11 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
   model = Encoder(encoder_config(m, vocab_size=d.vocab_size))
   mesh = partitioning.make_mesh(config.mesh.shape)
   tx = make_optimizer(config.train)
-  state, shardings = create_sharded_state(init_params_fn(model, d.seq_len), tx, mesh,
+  state, shardings = create_sharded_state(init_params_fn(model, config), tx, mesh,
                                           jax.random.key(config.seed))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   replicated = NamedSharding(mesh, P())
-  # The trainer's loss (train/pretrain.py) and step, jitted with its shardings (train/loop.py).
+  # The trainer's loss (tasks/mlm.py) and step, jitted with its shardings (train/loop.py).
   predictions = max_predictions(d.seq_len, d.mask_rate)
   step_fn = jax.jit(
       make_train_step(mlm_sums(model, predictions), tx, config.train.grad_accum_steps),

@@ -32,10 +32,9 @@ import numpy as np  # noqa: E402
 from trainbig_jax.configs import pretrain as pretrain_configs  # noqa: E402
 from trainbig_jax.data.mlm import mask_tokens  # noqa: E402
 from trainbig_jax.models.encoder import Encoder, encoder_config  # noqa: E402
+from trainbig_jax.tasks.mlm import encoder_init_fn, mlm_sums  # noqa: E402
 from trainbig_jax.train import loop  # noqa: E402
-from trainbig_jax.train.pretrain import init_params_fn  # noqa: E402
 from trainbig_jax.train.state import make_optimizer  # noqa: E402
-from trainbig_jax.train.steps import mlm_sums  # noqa: E402
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask as in data/tokenizer.py
 MASK_ID = 4
@@ -100,7 +99,7 @@ def train(workdir: str | Path, total_steps: int, checkpoint_every: int,
   eval_batches = [next(eval_rows)]
   job = loop.Job(
       config=c, workdir=Path(workdir), sums_fn=mlm_sums(model),
-      init_params=init_params_fn(model, seq_len),
+      init_params=encoder_init_fn(model, seq_len),
       train_iterator=RowsOfGlobalBatches(batch_size, seq_len, vocab, sigterm_at_step),
       eval_batches=lambda: eval_batches, tx=make_optimizer(c.train))
   Path(workdir).mkdir(parents=True, exist_ok=True)

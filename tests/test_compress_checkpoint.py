@@ -21,7 +21,7 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.train import checkpoint
 from trainbig_jax.train.metrics import read_metrics
-from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.tasks.mlm import pretrain
 
 REPO = Path(__file__).parents[1]
 EVAL_KEYS = {'eval_loss', 'eval_accuracy', 'total_params', 'nonzero_params', 'stored_bytes',

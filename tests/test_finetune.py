@@ -17,10 +17,10 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.data import classification
 from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
+from trainbig_jax.tasks.classify import finetune, pruning_steps
+from trainbig_jax.tasks.mlm import pretrain
 from trainbig_jax.train import checkpoint
-from trainbig_jax.train.finetune import finetune, pruning_steps
 from trainbig_jax.train.metrics import read_metrics
-from trainbig_jax.train.pretrain import pretrain
 
 LAYER_KERNEL = re.compile(r'layers_\d+/.*/kernel$')
 
@@ -171,6 +171,23 @@ def test_qat_accuracy_is_the_accuracy_of_the_quantized_checkpoint(pretrained, tm
   assert quantized['eval_accuracy'] == reported['eval_accuracy']
   np.testing.assert_allclose(quantized['eval_loss'], reported['eval_loss'], rtol=1e-6)
   assert dense['eval_loss'] != quantized['eval_loss']  # the quantization does change the model
+
+
+def test_run_folder_from_before_task_kind_still_evaluates(pretrained, tmp_path):
+  # Fine-tuning folders written before config.json recorded `task_kind` name only their
+  # dataset in `task`; `trainbig eval` must still find the classification task.
+  finetune(demo(**{'train.total_steps': 2, 'train.eval_every': 2}), pretrained, tmp_path)
+  config_path = tmp_path / checkpoint.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  assert config['task_kind'] == 'classify'
+  del config['task_kind']
+  config_path.write_text(json.dumps(config))
+  result = evaluate_checkpoint(tmp_path)
+  logged = evals(tmp_path)[best_step(tmp_path)]
+  assert (result['task_kind'], result['task']) == ('classify', 'rotten_tomatoes')
+  assert (result['primary_metric'], result['primary_mode']) == ('eval_accuracy', 'max')
+  assert result['eval_accuracy'] == logged['eval_accuracy']
+  np.testing.assert_allclose(result['eval_loss'], logged['eval_loss'], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ bad input

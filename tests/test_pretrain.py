@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from trainbig_jax.configs import pretrain as pretrain_configs
+from trainbig_jax.tasks.mlm import pretrain
 from trainbig_jax.train import checkpoint, partitioning
+from trainbig_jax.train.checks import ConfigError
 from trainbig_jax.train.metrics import read_metrics
-from trainbig_jax.train.pretrain import ConfigError, pretrain
 
 
 def tiny(**train):

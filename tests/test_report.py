@@ -292,6 +292,46 @@ def test_three_sizes_medium_best_fails_claims_1_and_3():
   assert v[EQUAL_SIZE]['held'] is False
 
 
+def _as_metric(rows, name, higher_is_better, value):
+  """The rows of another task: quality in `metric` (from the accuracy), no `accuracy`."""
+  return [{k: v for k, v in r.items() if k != 'accuracy'}
+          | {'metric_name': name, 'higher_is_better': higher_is_better,
+             'metric': value(r['accuracy'])} for r in rows]
+
+
+@pytest.mark.parametrize('make', [
+    lambda: make_results(),
+    lambda: make_results(prune_drop={SMALL: lambda s: 0.3 * s, BIG: lambda s: 0.5 * s}),
+    lambda: make_results(dense={SMALL: 0.95, BIG: 0.90}),
+])
+def test_claims_and_frontier_follow_the_primary_metric_and_its_direction(make, tmp_path):
+  rows = make()
+  expected = evaluate_claims(rows, make_curves())
+  front = [r['cell'] for r in claims_lib.pareto_frontier(rows)]
+  # BLEU-like (higher is better, another scale) and error-like (lower is better) metrics
+  # decide exactly as the accuracy they were derived from.
+  for name, hib, value in (('eval_bleu', True, lambda a: 100 * a),
+                           ('eval_error', False, lambda a: 1 - a)):
+    other = _as_metric(rows, name, hib, value)
+    got = evaluate_claims(other, make_curves())
+    assert {k: v['held'] for k, v in got.items()} == {k: v['held'] for k, v in expected.items()}
+    assert got[ROBUST]['evidence']['metric'] == {'eval_bleu': 'BLEU', 'eval_error': 'error'}[name]
+    assert [r['cell'] for r in claims_lib.pareto_frontier(other)] == front
+  # Written to results.jsonl, rows without `accuracy` load, and the report names the metric.
+  write_sweep(tmp_path, _as_metric(rows, 'eval_bleu', True, lambda a: 100 * a), make_curves())
+  loaded = results_lib.load_results(tmp_path)
+  assert loaded[0]['metric'] == pytest.approx(100 * rows[0]['accuracy'])
+  md = report_lib.write_report(tmp_path).read_text()
+  assert '| BLEU |' in md and 'BLEU vs nonzero parameters' in md
+
+
+def test_results_without_metric_keys_use_accuracy(tmp_path):
+  write_sweep(tmp_path, make_results(), make_curves())
+  row = results_lib.load_results(tmp_path)[0]
+  assert (row['metric'], row['metric_name'], row['higher_is_better']) == (
+      row['accuracy'], 'eval_accuracy', True)
+
+
 def test_pareto_frontier_is_monotone_and_dominates():
   rows = make_results()
   front = claims_lib.pareto_frontier(rows)

@@ -8,10 +8,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.models.encoder import Encoder, encoder_config
+from trainbig_jax.tasks.mlm import encoder_init_fn, mlm_sums
 from trainbig_jax.train import partitioning
-from trainbig_jax.train.pretrain import init_params_fn
 from trainbig_jax.train.state import create_sharded_state, make_optimizer
-from trainbig_jax.train.steps import make_train_step, mlm_sums
+from trainbig_jax.train.steps import make_train_step
 
 VOCAB = 512
 
@@ -38,7 +38,7 @@ def _train(mesh_shape, devices, c, steps=2):
   mesh = partitioning.make_mesh(mesh_shape, devices)
   model = Encoder(encoder_config(c.model, vocab_size=VOCAB))
   tx = make_optimizer(c.train)
-  state, shardings = create_sharded_state(init_params_fn(model, c.data.seq_len), tx, mesh,
+  state, shardings = create_sharded_state(encoder_init_fn(model, c.data.seq_len), tx, mesh,
                                           jax.random.key(0))
   step = jax.jit(make_train_step(mlm_sums(model), tx, c.train.grad_accum_steps),
                  in_shardings=(shardings, partitioning.batch_sharding(mesh),

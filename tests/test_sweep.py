@@ -66,6 +66,9 @@ def test_every_cell_is_written_once(finished):
     assert pruned['nonzero_params'] < dense['nonzero_params']
     assert by_cell[f'{model}/int8']['stored_bytes'] < dense['stored_bytes']
     assert 0.0 <= dense['accuracy'] <= 1.0
+    # Written by the sweep (not defaulted on load): the task's primary metric.
+    assert '"metric_name": "eval_accuracy"' in lines[0] and '"higher_is_better": true' in lines[0]
+    assert (dense['metric_name'], dense['metric']) == ('eval_accuracy', dense['accuracy'])
   assert by_cell['L2_H64/dense']['total_params'] > by_cell['L1_H32/dense']['total_params']
 
 

@@ -51,26 +51,29 @@ def _need(flag, name: str, command: str):
 
 
 def _train(command: str) -> None:
-  from trainbig_jax.train.pretrain import pretrain
+  from trainbig_jax import tasks
   config = _need(_CONFIG, 'config', command)
-  _print_summary(command, pretrain(config, _need(_WORKDIR, 'workdir', command)))
+  summary = tasks.task_of(config).train(config, _need(_WORKDIR, 'workdir', command),
+                                        init_checkpoint=_INIT_CHECKPOINT.value)
+  _print_summary(command, summary)
 
 
 def _print_summary(command: str, summary) -> None:
   if _JSON.value:
     print(json.dumps(summary.__dict__))
     return
-  evaluated = ('' if summary.eval_loss is None else
-               f'; eval_loss {summary.eval_loss:.4f}, eval_accuracy {summary.eval_accuracy:.4f}')
+  metrics = ', '.join(f'{name} {value:.4f}' for name, value in summary.metrics.items())
+  evaluated = f'; {metrics}' if metrics else ''
   print(f'{command}: stopped by {summary.stopped_by} at step {summary.step} after '
         f'{summary.wall_time_s:.1f}s of training{evaluated}')
 
 
 def _finetune(command: str) -> None:
-  from trainbig_jax.train.finetune import finetune
-  summary = finetune(_need(_CONFIG, 'config', command),
-                     _need(_INIT_CHECKPOINT, 'init_checkpoint', command),
-                     _need(_WORKDIR, 'workdir', command))
+  from trainbig_jax import tasks
+  config = _need(_CONFIG, 'config', command)
+  summary = tasks.task_of(config).train(config, _need(_WORKDIR, 'workdir', command),
+                                        init_checkpoint=_need(_INIT_CHECKPOINT,
+                                                              'init_checkpoint', command))
   _print_summary(command, summary)
 
 

@@ -1,8 +1,9 @@
 """`trainbig eval`: XLA-compiled evaluation of a dense or compressed checkpoint.
 
-The checkpoint's own config says what to evaluate: a pretraining run on its MLM validation
-batches, a fine-tuning run on its task's validation split. A compressed checkpoint is
-dequantized into a dense tree and evaluated by exactly the same compiled step.
+The checkpoint's own config names its task (trainbig_jax/tasks), which says what to evaluate:
+a pretraining run on its MLM validation batches, a fine-tuning run on its dataset's
+validation split. A compressed checkpoint is dequantized into a dense tree and evaluated by
+exactly the same compiled step.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ import jax
 import numpy as np
 from absl import logging
 
+from trainbig_jax import tasks
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
-from trainbig_jax.data import mlm
 from trainbig_jax.data.tokenizer import load_tokenizer
-from trainbig_jax.models.encoder import Encoder, encoder_config
 from trainbig_jax.train import checkpoint, loop, partitioning
-from trainbig_jax.train.finetune import classification_eval_batches
-from trainbig_jax.train.pretrain import init_params_fn
 from trainbig_jax.train.state import params_shardings
-from trainbig_jax.train.steps import classification_sums, make_eval_step, mlm_sums
+from trainbig_jax.train.steps import make_eval_step
 
 
 def _mesh_for(config) -> jax.sharding.Mesh:
@@ -44,21 +42,13 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
   config = checkpoint.read_config(path)
   tokenizer = load_tokenizer(str(path / checkpoint.TOKENIZER_FILE))
   params, facts = load_checkpoint_params(path)
-  model = Encoder(encoder_config(config.model, vocab_size=tokenizer.vocab_size,
-                                 pad_id=tokenizer.pad_id))
-  if 'task' in config:
-    task, seq_len, sums_fn = config.task, config.max_len, classification_sums(model)
-    batches = lambda: classification_eval_batches(config, tokenizer)
-  else:
-    task, seq_len = 'mlm', config.data.seq_len
-    sums_fn = mlm_sums(model, mlm.max_predictions(seq_len, config.data.mask_rate))
-    eval_batches = mlm.pretrain_eval_batches(config, tokenizer,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())
-    batches = lambda: eval_batches
+  task = tasks.task_of(config)
+  model = task.build_model(config, tokenizer)
+  sums_fn = task.sums_fn(model, config)
+  eval_batches = task.eval_batches(config, tokenizer)
+  batches = lambda: eval_batches
   mesh = _mesh_for(config)
-  shardings = params_shardings(init_params_fn(model, seq_len, 'classify' if task != 'mlm'
-                                              else 'mlm'), mesh)
+  shardings = params_shardings(task.init_params_fn(model, config), mesh)
   try:
     params = jax.device_put(params, shardings)
   except ValueError as e:
@@ -71,12 +61,15 @@ def evaluate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     eval_step.lower(params, partitioning.global_batch(first, mesh)).compile()  # not timed
     start = time.perf_counter()
     metrics = loop.evaluate(eval_step, params, batches(), mesh)
+    extra_metrics = task.extra_metrics_fn(model, config, tokenizer)
+    if extra_metrics is not None:
+      metrics.update(extra_metrics(params))
     seconds = time.perf_counter() - start
   leaves = jax.tree.leaves(jax.device_get(params))
-  examples = sum(int(np.sum(b['weights'] > 0)) if task != 'mlm' else b['inputs'].shape[0]
-                 for b in batches())
+  examples = sum(task.count_examples(b) for b in batches())
   return {
-      'checkpoint': str(path), 'task': task, **metrics,
+      'checkpoint': str(path), 'task': config.get('task', task.NAME), 'task_kind': task.NAME,
+      'primary_metric': task.PRIMARY_METRIC, 'primary_mode': task.PRIMARY_MODE, **metrics,
       'total_params': sum(int(x.size) for x in leaves),
       'nonzero_params': sum(int(np.count_nonzero(x)) for x in leaves),
       **facts, 'eval_examples': examples, 'eval_seconds': seconds,

@@ -15,7 +15,7 @@ are always quantized per tensor: one scale per element would cost more than it s
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax.struct
 import jax
@@ -186,3 +186,18 @@ def fake_quant_tree(params: PyTree, bits: int, *, symmetric: bool = True,
   return _map_selected(functools.partial(fake_quant, bits=bits, symmetric=symmetric,
                                          per_channel=per_channel, channel_axis=channel_axis),
                        params, include, exclude)
+
+
+def qat_sums(sums_fn: Callable[..., Any], qat: Any) -> Callable[..., Any]:
+  """Quantization-aware training: a task's sums computed with fake-quantized weights.
+
+  `qat` is a config section with bits, symmetric, per_channel, include and exclude; the
+  gradient passes straight through the rounding, so evaluation of the same function reports
+  the quantized model's metrics.
+  """
+  def sums(params, batch, rng, train):
+    quantized = fake_quant_tree(params, qat.bits, symmetric=qat.symmetric,
+                                per_channel=qat.per_channel, include=tuple(qat.include),
+                                exclude=tuple(qat.exclude))
+    return sums_fn(quantized, batch, rng, train)
+  return sums

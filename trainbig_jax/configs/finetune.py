@@ -21,6 +21,7 @@ from trainbig_jax.configs import pretrain
 def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
+  c.task_kind = 'classify'  # trainbig_jax.tasks registry name
   c.seed = 0
   c.task = 'rotten_tomatoes'  # see trainbig_jax.data.classification.TASKS
   c.max_len = 64  # tokens per example, <s> and </s> included

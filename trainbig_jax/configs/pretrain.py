@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a pretraining run reads, with RoBERTa-base-like defaults."""
   c = ml_collections.ConfigDict()
   c.preset = 'custom'
+  c.task_kind = 'mlm'  # trainbig_jax.tasks registry name
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()

@@ -12,6 +12,11 @@ docstrings of the three `claim_*` functions) and returns
 with keys CLAIM_KEYS. `held` is None when the data cannot decide (fewer than two sizes,
 missing cells, no comparable pair); `reason` then says what is missing.
 
+A cell's quality is the task's primary metric (`metric`, named by `metric_name`, better when
+higher iff `higher_is_better`): accuracy for classification, BLEU for translation; rows
+without these keys (older sweeps) use `accuracy`, higher being better. Evidence keys keep
+the word "accuracy" for that quality whatever the metric; `evidence['metric']` names it.
+
 "The largest model" is always the model with the most `total_params` in the results (ties
 broken by name). Comparisons are strict: a tie does not count as the largest model winning,
 because a tie is no evidence for the claim.
@@ -82,27 +87,52 @@ def cell_label(r: Row) -> str:
   return f'{method} s={r["sparsity"]:g} b={r["bits"]}'
 
 
+def metric(r: Row) -> float:
+  """A cell's quality: the task's primary metric (`accuracy` in rows from older sweeps)."""
+  return float(r['metric'] if 'metric' in r else r['accuracy'])
+
+
+def higher_is_better(r: Row) -> bool:
+  return bool(r.get('higher_is_better', True))
+
+
+def score(r: Row) -> float:
+  """The metric signed so that larger is better, whatever its direction."""
+  return metric(r) if higher_is_better(r) else -metric(r)
+
+
+# How metrics are written in labels where their plain name would read wrongly.
+METRIC_LABELS = {'bleu': 'BLEU', 'chrf': 'chrF'}
+
+
+def metric_name(results: Iterable[Row]) -> str:
+  """The primary metric's name for labels: 'accuracy', 'BLEU', ... ('metric' if mixed)."""
+  names = {r.get('metric_name', 'eval_accuracy') for r in results}
+  name = names.pop().removeprefix('eval_') if len(names) == 1 else 'metric'
+  return METRIC_LABELS.get(name, name)
+
+
 def best_within(rows: Iterable[Row], budget_bytes: float) -> Row | None:
-  """The most accurate row with stored_bytes <= budget (ties: the smaller one), or None."""
+  """The best-scoring row with stored_bytes <= budget (ties: the smaller one), or None."""
   fitting = [r for r in rows if r['stored_bytes'] <= budget_bytes]
   if not fitting:
     return None
-  return max(fitting, key=lambda r: (r['accuracy'], -r['stored_bytes']))
+  return max(fitting, key=lambda r: (score(r), -r['stored_bytes']))
 
 
 def pareto_frontier(results: Iterable[Row]) -> list[Row]:
-  """Cells no other cell beats on both stored size and accuracy, by increasing stored_bytes.
+  """Cells no other cell beats on both stored size and metric, by increasing stored_bytes.
 
-  A cell is on the frontier when its accuracy is strictly higher than that of every cell
+  A cell is on the frontier when its metric is strictly better than that of every cell
   with fewer or equally many stored bytes, i.e. it is the best model one can serve within
   its own size.
   """
-  rows = sorted(results, key=lambda r: (r['stored_bytes'], -r['accuracy']))
+  rows = sorted(results, key=lambda r: (r['stored_bytes'], -score(r)))
   frontier, best = [], float('-inf')
   for r in rows:
-    if r['accuracy'] > best:
+    if score(r) > best:
       frontier.append(r)
-      best = r['accuracy']
+      best = score(r)
   return frontier
 
 
@@ -117,9 +147,9 @@ def _verdict(key: str, held: bool, evidence: dict[str, Any], explanation: str
           'evidence': evidence, 'explanation': explanation}
 
 
-def _mean_accuracy(rows: Iterable[Row]) -> float | None:
-  accs = [float(r['accuracy']) for r in rows]
-  return sum(accs) / len(accs) if accs else None
+def _mean_metric(rows: Iterable[Row]) -> float | None:
+  values = [metric(r) for r in rows]
+  return sum(values) / len(values) if values else None
 
 
 # ----------------------------------------------------------------------------- claim 1
@@ -202,8 +232,12 @@ def _setting(r: Row, method: str) -> float | int:
 
 
 def _drop_subverdict(results: Sequence[Row], dense: Mapping[str, float], largest: str,
-                     method: str) -> dict[str, Any]:
-  """Accuracy drop from dense at the harshest setting of `method` that every size has."""
+                     method: str, sign: float) -> dict[str, Any]:
+  """Metric drop from dense at the harshest setting of `method` that every size has.
+
+  `sign` is +1 for a higher-is-better metric, -1 otherwise, so a drop is always a loss of
+  quality (a rise in loss counts as a drop).
+  """
   name = 'sparsity' if method == 'prune' else 'bits'
   # Harshest = most weights removed (pruning) or fewest bits (quantization).
   harshest = max if method == 'prune' else min
@@ -225,7 +259,7 @@ def _drop_subverdict(results: Sequence[Row], dense: Mapping[str, float], largest
     out['reason'] = f'no {name} value is shared by all sizes under {method}.'
     return out
   s = harshest(common)
-  drops = {m: dense[m] - _mean_accuracy(r for r in by_model[m] if _setting(r, method) == s)
+  drops = {m: sign * (dense[m] - _mean_metric(r for r in by_model[m] if _setting(r, method) == s))
            for m in models}
   out.update({name: s, 'drop': drops, 'models': models,
               'held': drops[largest] < min(d for m, d in drops.items() if m != largest)})
@@ -257,14 +291,16 @@ def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
   largest = _largest(sizes)
   dense = {}
   for m in sizes:
-    acc = _mean_accuracy(r for r in results if r['model'] == m and r['method'] == 'dense')
-    if acc is not None:
-      dense[m] = acc
+    value = _mean_metric(r for r in results if r['model'] == m and r['method'] == 'dense')
+    if value is not None:
+      dense[m] = value
+  name = metric_name(results)
+  sign = 1.0 if all(higher_is_better(r) for r in results) else -1.0
   evidence: dict[str, Any] = {
-      'rule': 'held iff the largest model has the strictly smallest accuracy drop in every '
+      'rule': f'held iff the largest model has the strictly smallest {name} drop in every '
               'computable sub-verdict (pruning at the highest common sparsity, quantization '
               'at the lowest common bit width)',
-      'largest': largest, 'dense_accuracy': dense}
+      'largest': largest, 'metric': name, 'dense_accuracy': dense}
   if largest not in dense:
     return _null(key, f'the largest model {largest} has no dense cell.', evidence)
   if len(dense) < 2:
@@ -277,8 +313,8 @@ def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
     return _null(key, f'the largest model {largest} is at the majority-class baseline (dense '
                       f'accuracy {dense[largest]:.3f} vs {baseline:.3f}): with nothing learned '
                       f'it has nothing to lose, so its robustness cannot be judged.', evidence)
-  prune = _drop_subverdict(results, dense, largest, 'prune')
-  quant = _drop_subverdict(results, dense, largest, 'quantize')
+  prune = _drop_subverdict(results, dense, largest, 'prune', sign)
+  quant = _drop_subverdict(results, dense, largest, 'quantize', sign)
   evidence.update({'prune': prune, 'quantize': quant})
   subs = [v['held'] for v in (prune, quant) if v['held'] is not None]
   if not subs:
@@ -288,7 +324,7 @@ def claim_bigger_more_robust(results: Sequence[Row]) -> dict[str, Any]:
     if v['held'] is None:
       return f'{what}: not computable ({v["reason"]})'
     drops = ', '.join(f'{m} {v["drop"][m]:+.3f}' for m in v['drop'])
-    return (f'{what} the accuracy drops are {drops} ('
+    return (f'{what} the {name} drops are {drops} ('
             + ('largest model smallest' if v['held'] else 'largest model not smallest') + ')')
 
   prune_what = ('pruning' if prune['sparsity'] is None
@@ -307,7 +343,7 @@ def light_cells(rows: Iterable[Row]) -> list[Row]:
   out = [r for r in rows if r['method'] == 'dense']
   for method in sorted({r['method'] for r in rows} - {'dense'}):
     out.append(max((r for r in rows if r['method'] == method),
-                   key=lambda r: (r['stored_bytes'], r['accuracy'])))
+                   key=lambda r: (r['stored_bytes'], score(r))))
   return out
 
 
@@ -344,15 +380,16 @@ def claim_compressed_big_beats_small(results: Sequence[Row]) -> dict[str, Any]:
       comparisons.append({
           'budget_mb': budget / 1e6,
           'small_cell': light['cell'], 'small_model': m, 'small_label': cell_label(light),
-          'small_accuracy': light['accuracy'],
+          'small_accuracy': metric(light),
           'largest_cell': big['cell'], 'largest_label': cell_label(big),
-          'largest_accuracy': big['accuracy'], 'largest_mb': big['stored_bytes'] / 1e6,
+          'largest_accuracy': metric(big), 'largest_mb': big['stored_bytes'] / 1e6,
           'best_smaller_cell': rival['cell'], 'best_smaller_model': rival['model'],
-          'best_smaller_label': cell_label(rival), 'best_smaller_accuracy': rival['accuracy'],
-          'largest_wins': big['accuracy'] > rival['accuracy'],
+          'best_smaller_label': cell_label(rival), 'best_smaller_accuracy': metric(rival),
+          'largest_wins': score(big) > score(rival),
       })
   evidence: dict[str, Any] = {
-      'largest': largest, 'comparisons': comparisons, 'not_comparable': not_comparable,
+      'largest': largest, 'metric': metric_name(results), 'comparisons': comparisons,
+      'not_comparable': not_comparable,
       'smallest_largest_mb': min(r['stored_bytes'] for r in big_rows) / 1e6 if big_rows
       else None}
   if not big_rows:

@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
-from trainbig_jax.experiments.claims import best_within, cell_label, loss_at, model_sizes
+from trainbig_jax.experiments.claims import (best_within, cell_label, loss_at, metric,
+                                            metric_name, model_sizes)
 
 Row = Mapping[str, Any]
 Curves = Mapping[str, Mapping[str, Sequence[float]]]
@@ -211,7 +212,8 @@ def _backtest_warnings(check: dict[str, Any], predicted: Mapping[str, float]) ->
 def _describe(r: Row) -> dict[str, Any]:
   return {'model': r['model'], 'cell': r['cell'], 'method': r['method'],
           'label': cell_label(r), 'sparsity': r['sparsity'], 'bits': r['bits'],
-          'stored_mb': r['stored_bytes'] / 1e6, 'accuracy': r['accuracy']}
+          'stored_mb': r['stored_bytes'] / 1e6, 'accuracy': metric(r),
+          'metric_name': metric_name([r])}
 
 
 def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
@@ -224,6 +226,7 @@ def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
      serve_budget_mb * 1e6, choose the most accurate (ties: the smaller).
   3. For comparison, the most accurate cell of any size within the serving budget.
 
+  "Accuracy" is each cell's primary metric (claims.metric; e.g. BLEU for translation).
   Accuracies are those measured in the sweep, i.e. after the sweep's own pretraining
   budget; they are a guide, not a prediction for train_budget_s. `extrapolation` is
   train_budget_s / the chosen size's largest observed eval time; above 2 a warning says the
@@ -287,7 +290,7 @@ def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
       'fits': {m: dataclasses.asdict(f) for m, f in fits.items()},
       'size': size,
       'compression': _describe(chosen) if chosen else None,
-      'accuracy': chosen['accuracy'] if chosen else None,
+      'accuracy': metric(chosen) if chosen else None,
       'best_within_budget': _describe(best_any),
       'extrapolation': extrapolation,
       'backtest': check,
@@ -317,9 +320,10 @@ def format_recommendation(advice: dict[str, Any]) -> str:
   chosen = advice['compression']
   if chosen is not None:
     lines.append(f'Compress it as {chosen["label"]}: {chosen["stored_mb"]:.4g} MB, measured '
-                 f'accuracy {chosen["accuracy"]:.4f}.')
+                 f'{chosen["metric_name"]} {chosen["accuracy"]:.4f}.')
   best = advice['best_within_budget']
   lines.append(f'Best measured cell of any size within the serving budget: {best["model"]} '
-               f'{best["label"]} ({best["stored_mb"]:.4g} MB, accuracy {best["accuracy"]:.4f}).')
+               f'{best["label"]} ({best["stored_mb"]:.4g} MB, {best["metric_name"]} '
+               f'{best["accuracy"]:.4f}).')
   lines += [f'warning: {w}' for w in advice['warnings']]
   return '\n'.join(lines)

@@ -8,6 +8,8 @@
   DIR/prune_accuracy.png   accuracy vs nonzero parameters under pruning, per size
   DIR/quant_accuracy.png   accuracy vs stored MB under quantization, per size
   DIR/frontier.png         best accuracy at each stored size: the Pareto frontier
+"Accuracy" is the task's primary metric of each results row (claims.metric: accuracy for
+classification, BLEU for translation); the file names stay the same for every task.
 
 A figure with nothing to draw (e.g. a sweep without quantization) is not written, and the
 report says so. Figures are drawn on matplotlib's Agg canvas directly, so writing a report
@@ -84,7 +86,7 @@ def plot_loss_vs_time(curves: Curves, order: Sequence[str], path: Path,
   return _save(fig, path)
 
 
-def _accuracy_plot(results: Sequence[Row], order: Sequence[str], path: Path,
+def _metric_plot(results: Sequence[Row], order: Sequence[str], path: Path,
                    keep: Callable[[Row], bool], x: Callable[[Row], float], xlabel: str,
                    title: str, annotate: Callable[[Row], str]) -> Path | None:
   rows = [r for r in results if keep(r)]
@@ -96,7 +98,7 @@ def _accuracy_plot(results: Sequence[Row], order: Sequence[str], path: Path,
   fig = Figure(figsize=(6.5, 4.5), layout='constrained')
   ax = fig.subplots()
   for m in models:
-    pts = sorted((x(r), r['accuracy'], annotate(r)) for r in rows if r['model'] == m)
+    pts = sorted((x(r), claims_lib.metric(r), annotate(r)) for r in rows if r['model'] == m)
     xs, ys, labels = zip(*pts)
     ax.plot(xs, ys, marker='o', color=colors[m], label=m)
     for xi, yi, lab in pts:
@@ -104,7 +106,7 @@ def _accuracy_plot(results: Sequence[Row], order: Sequence[str], path: Path,
                   color=colors[m])
   ax.set_xscale('log')
   ax.set_xlabel(xlabel)
-  ax.set_ylabel('downstream validation accuracy')
+  ax.set_ylabel(f'downstream validation {claims_lib.metric_name(results)}')
   ax.set_title(title)
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
@@ -114,7 +116,7 @@ def _accuracy_plot(results: Sequence[Row], order: Sequence[str], path: Path,
 def plot_prune_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
                         ) -> Path | None:
   """Accuracy vs nonzero parameters (log x) under pruning; dense is sparsity 0."""
-  return _accuracy_plot(
+  return _metric_plot(
       results, order, path, keep=lambda r: r['method'] in ('dense', 'prune'),
       x=lambda r: r['nonzero_params'], xlabel='nonzero parameters (log)',
       title='magnitude pruning', annotate=lambda r: claims_lib.percent(r['sparsity']))
@@ -123,7 +125,7 @@ def plot_prune_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
 def plot_quant_accuracy(results: Sequence[Row], order: Sequence[str], path: Path
                         ) -> Path | None:
   """Accuracy vs stored MB (log x) under quantization; dense is the 32-bit point."""
-  return _accuracy_plot(
+  return _metric_plot(
       results, order, path, keep=lambda r: r['method'] in ('dense', 'quantize'),
       x=lambda r: r['stored_bytes'] / 1e6, xlabel='stored weights (MB, log)',
       title='weight quantization', annotate=lambda r: f'{r["bits"]}b')
@@ -140,21 +142,22 @@ def plot_frontier(results: Sequence[Row], order: Sequence[str], path: Path) -> P
   for m in order:
     rows = [r for r in results if r['model'] == m]
     if rows:
-      ax.scatter([r['stored_bytes'] / 1e6 for r in rows], [r['accuracy'] for r in rows],
+      ax.scatter([r['stored_bytes'] / 1e6 for r in rows], [claims_lib.metric(r) for r in rows],
                  s=14, color=colors[m], alpha=0.35, label=f'{m} (all cells)')
   # The frontier as a step: the best accuracy available at or below each size.
   xs = [r['stored_bytes'] / 1e6 for r in frontier]
-  ys = [r['accuracy'] for r in frontier]
+  ys = [claims_lib.metric(r) for r in frontier]
   ax.step(xs, ys, where='post', color='black', lw=1, label='frontier')
   for r in frontier:
-    ax.scatter([r['stored_bytes'] / 1e6], [r['accuracy']], s=60, color=colors[r['model']],
-               edgecolors='black', zorder=3)
-    ax.annotate(claims_lib.cell_label(r), (r['stored_bytes'] / 1e6, r['accuracy']),
+    ax.scatter([r['stored_bytes'] / 1e6], [claims_lib.metric(r)], s=60,
+               color=colors[r['model']], edgecolors='black', zorder=3)
+    ax.annotate(claims_lib.cell_label(r), (r['stored_bytes'] / 1e6, claims_lib.metric(r)),
                 textcoords='offset points', xytext=(4, -10), fontsize=6)
   ax.set_xscale('log')
   ax.set_xlabel('inference budget: stored weights (MB, log)')
-  ax.set_ylabel('best downstream validation accuracy')
-  ax.set_title('accuracy frontier across sizes and compressions')
+  name = claims_lib.metric_name(results)
+  ax.set_ylabel(f'best downstream validation {name}')
+  ax.set_title(f'{name} frontier across sizes and compressions')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=7)
   return _save(fig, path)
@@ -190,14 +193,15 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
   rows = sorted(results, key=lambda r: (rank.get(r['model'], len(rank)),
                                         method_rank.get(r['method'], len(method_rank)),
                                         r['sparsity'], -r['bits']))
-  out = ['| model | params | steps | pretrain loss | method | sparsity | bits | MB | accuracy |',
+  out = ['| model | params | steps | pretrain loss | method | sparsity | bits | MB | '
+         f'{claims_lib.metric_name(results)} |',
          '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |']
   for r in rows:
     loss = r['pretrain_eval_loss']  # null when a run never reached an eval
     out.append(f'| {_md(r["model"])} | {r["total_params"]:,} | {r["pretrain_steps"]} | '
                f'{"-" if loss is None else format(loss, ".4f")} | {_md(r["method"])} | '
                f'{claims_lib.percent(r["sparsity"])} | {r["bits"]} | '
-               f'{r["stored_bytes"] / 1e6:.3f} | {r["accuracy"]:.4f} |')
+               f'{r["stored_bytes"] / 1e6:.3f} | {claims_lib.metric(r):.4f} |')
   return out
 
 
@@ -266,11 +270,14 @@ def write_report(sweep_dir: str | Path) -> Path:
          'each verdict are in `claims.json`.', '']
 
   md += ['## Figures', '']
+  metric = claims_lib.metric_name(results)  # the task's primary metric
   captions = {
       'loss_vs_time.png': 'Validation MLM loss vs wall-clock time and vs steps',
-      'prune_accuracy.png': 'Accuracy vs nonzero parameters under magnitude pruning',
-      'quant_accuracy.png': 'Accuracy vs stored size under weight quantization',
-      'frontier.png': 'Best accuracy at each inference budget (Pareto frontier)',
+      'prune_accuracy.png': f'{metric[0].upper()}{metric[1:]} vs nonzero parameters under '
+                            f'magnitude pruning',
+      'quant_accuracy.png': f'{metric[0].upper()}{metric[1:]} vs stored size under weight '
+                            f'quantization',
+      'frontier.png': f'Best {metric} at each inference budget (Pareto frontier)',
   }
   for name, path in drawn.items():
     if path is None:

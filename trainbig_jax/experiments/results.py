@@ -23,8 +23,12 @@ SWEEP_CONFIG_FILE = 'sweep.json'
 REQUIRED_KEYS = (
     'model', 'layers', 'hidden', 'total_params', 'pretrain_budget_s', 'pretrain_steps',
     'pretrain_wall_s', 'pretrain_eval_loss', 'method', 'sparsity', 'bits', 'nonzero_params',
-    'stored_bytes', 'dense_fp32_bytes', 'accuracy',
+    'stored_bytes', 'dense_fp32_bytes',
 )
+# The quality of a cell: the task's primary metric, its name and direction. Rows from
+# classification sweeps written before these keys existed carry only `accuracy`, which then
+# stands for them (metric_name 'eval_accuracy', higher is better).
+METRIC_KEYS = ('metric', 'metric_name', 'higher_is_better')
 # Keys that may be absent (older or hand-made files); filled with these defaults.
 OPTIONAL_KEYS = ('eval_loss', 'cell')
 METHODS = ('dense', 'prune', 'quantize', 'prune_quantize')
@@ -65,7 +69,8 @@ def _default_cell_id(row: dict[str, Any]) -> str:
 def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
   """All cells of `sweep_dir/results.jsonl`, in file order.
 
-  Every line must carry REQUIRED_KEYS (else ResultsError naming the file, line and key);
+  Every line must carry REQUIRED_KEYS and either METRIC_KEYS or `accuracy` (else
+  ResultsError naming the file, line and key); without METRIC_KEYS, `accuracy` is the metric.
   `eval_loss` defaults to None and `cell` to 'model/method/s<sparsity>/b<bits>'. Extra keys
   are kept untouched. If a cell id appears twice (a resumed sweep re-evaluated it), the later
   line wins, since it is the newer measurement. A missing file gives an empty list so that a
@@ -77,16 +82,21 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
   by_cell: dict[str, dict[str, Any]] = {}
   for lineno, row in _read_jsonl(path):
     missing = [k for k in REQUIRED_KEYS if k not in row]
+    if 'metric' not in row and 'accuracy' not in row:
+      missing.append('accuracy')
     if missing:
       raise ResultsError(f'{path}, line {lineno}: missing key {missing[0]!r}'
                          + (f' (and {", ".join(map(repr, missing[1:]))})' if missing[1:] else '')
-                         + f'; every line needs: {", ".join(REQUIRED_KEYS)}.')
-    for k in ('total_params', 'sparsity', 'bits', 'nonzero_params', 'stored_bytes', 'accuracy'):
+                         + f'; every line needs: {", ".join(REQUIRED_KEYS)} and accuracy '
+                         f'(or {", ".join(METRIC_KEYS)}).')
+    row = dict(row)
+    if 'metric' not in row:
+      row.update(metric=row['accuracy'], metric_name='eval_accuracy', higher_is_better=True)
+    for k in ('total_params', 'sparsity', 'bits', 'nonzero_params', 'stored_bytes', 'metric'):
       v = row[k]
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ResultsError(f'{path}, line {lineno}: key {k!r} must be a finite number, '
                            f'got {v!r}.')
-    row = dict(row)
     row.setdefault('eval_loss', None)
     if not row.get('cell'):
       row['cell'] = _default_cell_id(row)

@@ -29,8 +29,8 @@ from trainbig_jax.data import classification
 from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import RESULTS_FILE, load_results
-from trainbig_jax.train.finetune import finetune
-from trainbig_jax.train.pretrain import pretrain
+from trainbig_jax.tasks.classify import finetune
+from trainbig_jax.tasks.mlm import pretrain
 
 SWEEP_FILE = 'sweep.json'
 SUMMARY_FILE = 'summary.json'
@@ -197,6 +197,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
           'dense_fp32_bytes': result['dense_fp32_bytes'],
           'accuracy': result['eval_accuracy'], 'eval_loss': result['eval_loss'],
           'task': result['task'], 'majority_accuracy': majority,
+          # The task's primary metric, so claims and figures need not know the task.
+          'metric_name': result['primary_metric'], 'metric': result[result['primary_metric']],
+          'higher_is_better': result['primary_mode'] == 'max',
       })
       done.add(cell_id)
     progress(f'{tag}: done')

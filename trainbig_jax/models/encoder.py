@@ -22,12 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Logical names. Activations get their own names so that e.g. a batch sharded over 'fsdp'
-# never collides with an embedding dimension sharded over the same mesh axis.
-BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP = ('act_batch', 'act_length', 'act_embed',
-                                                'act_heads', 'act_mlp')
-VOCAB, EMBED, HEADS, MLP, POSITION, CLASSES = ('vocab', 'embed', 'heads', 'mlp', 'position',
-                                               'classes')
+from trainbig_jax.models.axes import (ACT_EMBED, ACT_HEADS, ACT_MLP, BATCH, CLASSES, EMBED,
+                                      HEADS, LENGTH, MLP, POSITION, VOCAB)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

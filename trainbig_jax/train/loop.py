@@ -1,4 +1,4 @@
-"""The one train loop: pretraining and fine-tuning both run through `run`.
+"""The one train loop: every task (trainbig_jax/tasks) runs through `run`.
 
 It stops at `train.total_steps` or when the training clock reaches `train.budget_s`, whichever
 comes first (the paper compares model sizes at equal wall-clock). The clock counts only
@@ -37,7 +37,7 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass
 class Job:
-  """What differs between pretraining and fine-tuning; the loop does the rest."""
+  """What differs between tasks; the loop does the rest."""
   config: ml_collections.ConfigDict
   workdir: Path
   sums_fn: SumsFn
@@ -47,6 +47,9 @@ class Job:
   tx: optax.GradientTransformation
   # Called after each evaluation with (step, state, eval metrics); fine-tuning keeps its best.
   on_eval: Callable[[int, TrainState, dict[str, float]], None] | None = None
+  # Task metrics beyond the summed ones (e.g. BLEU from decoding): params -> {name: value},
+  # called under the mesh after each evaluation and merged into its metrics.
+  extra_metrics: Callable[[Any], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -57,6 +60,7 @@ class Summary:
   eval_loss: float | None
   eval_accuracy: float | None
   stopped_by: str  # 'steps' | 'budget' | 'signal'
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last evaluation
 
 
 class _StopFlag:
@@ -150,11 +154,13 @@ def run(job: Job) -> Summary:
   def run_eval(state):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       metrics = evaluate(eval_step, state.params, job.eval_batches(), mesh)
+      if job.extra_metrics is not None:
+        metrics.update(job.extra_metrics(state.params))
     row = {'step': int(state.step), 'wall_time_s': progress['wall_time_s'], **metrics}
     writer.write(row)
     metrics = {**metrics, 'step': row['step']}
-    logging.info('step %d  wall %.1fs  eval_loss %.4f  eval_accuracy %.4f', row['step'],
-                 row['wall_time_s'], metrics['eval_loss'], metrics['eval_accuracy'])
+    logging.info('step %d  wall %.1fs  %s', row['step'], row['wall_time_s'],
+                 '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k != 'step'))
     if job.on_eval is not None:
       job.on_eval(int(state.step), state, metrics)
     return metrics
@@ -221,6 +227,7 @@ def run(job: Job) -> Summary:
     logging.warning('Stopped by %s at step %d; checkpoint saved, rerun to resume.',
                     stop.signal_name or 'a signal to another process', step)
   return Summary(step=step, wall_time_s=progress['wall_time_s'], tokens=progress['tokens'],
-                 eval_loss=last_eval and last_eval['eval_loss'],
-                 eval_accuracy=last_eval and last_eval['eval_accuracy'], stopped_by=stopped_by)
+                 eval_loss=last_eval and last_eval.get('eval_loss'),
+                 eval_accuracy=last_eval and last_eval.get('eval_accuracy'), stopped_by=stopped_by,
+                 metrics={k: v for k, v in (last_eval or {}).items() if k != 'step'})
 

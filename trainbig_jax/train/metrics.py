@@ -1,7 +1,8 @@
 """Metric writers: WORKDIR/metrics.jsonl (one JSON object a line) and TensorBoard events.
 
 Train lines: step, wall_time_s, tokens, train_loss (+ learning_rate, grad_norm, ...).
-Eval lines:  step, wall_time_s, eval_loss, eval_accuracy.
+Eval lines:  step, wall_time_s and the task's named eval metrics (eval_loss, eval_accuracy,
+             and e.g. eval_bleu; see trainbig_jax/tasks).
 wall_time_s is training time only: evaluation, checkpointing and compilation are excluded.
 """
 

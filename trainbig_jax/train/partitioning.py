@@ -16,24 +16,24 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from trainbig_jax.models import encoder as enc
+from trainbig_jax.models import axes
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # (logical name, mesh axes). Parameters: embed over fsdp, heads/mlp/vocab over tensor.
 # Activations: batch over data+fsdp, hidden features over tensor where the weights are.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    (enc.BATCH, ('data', 'fsdp')),
-    (enc.LENGTH, None),
-    (enc.ACT_EMBED, None),
-    (enc.ACT_HEADS, 'tensor'),
-    (enc.ACT_MLP, 'tensor'),
-    (enc.VOCAB, 'tensor'),
-    (enc.EMBED, 'fsdp'),
-    (enc.HEADS, 'tensor'),
-    (enc.MLP, 'tensor'),
-    (enc.POSITION, None),
-    (enc.CLASSES, None),
+    (axes.BATCH, ('data', 'fsdp')),
+    (axes.LENGTH, None),
+    (axes.ACT_EMBED, None),
+    (axes.ACT_HEADS, 'tensor'),
+    (axes.ACT_MLP, 'tensor'),
+    (axes.VOCAB, 'tensor'),
+    (axes.EMBED, 'fsdp'),
+    (axes.HEADS, 'tensor'),
+    (axes.MLP, 'tensor'),
+    (axes.POSITION, None),
+    (axes.CLASSES, None),
 )
 
 

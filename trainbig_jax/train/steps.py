@@ -1,9 +1,9 @@
-"""Jitted train and eval steps, shared by pretraining and fine-tuning.
+"""Jitted train and eval steps, shared by every task.
 
-A task is a `sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correct', ...}` of
-*sums* over a batch. The train step splits the batch into micro-batches, adds their sums and
-gradients, and normalises once by the total weight, so gradient accumulation gives exactly
-the gradient of the full batch.
+A task gives a `sums_fn(params, batch, rng, train) -> {'loss', 'weight', 'correct', 'tokens'}`
+of *sums* over a batch (trainbig_jax/tasks). The train step splits the batch into
+micro-batches, adds their sums and gradients, and normalises once by the total weight, so
+gradient accumulation gives exactly the gradient of the full batch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,44 +20,6 @@ from trainbig_jax.train.state import TrainState
 PyTree = Any
 Batch = dict[str, jax.Array]
 SumsFn = Callable[[PyTree, Batch, jax.Array, bool], dict[str, jax.Array]]
-
-
-def mlm_sums(model: nn.Module, max_predictions: int | None = None) -> SumsFn:
-  """Masked-LM cross-entropy and accuracy summed over the masked positions.
-
-  With `max_predictions`, logits are computed only at (up to) that many masked positions per
-  sequence, picked by top_k on the weights; the data pipeline masks an exact count per
-  sequence, so a bound of ceil(mask_rate * length) loses nothing.
-  """
-  def sums(params, batch, rng, train):
-    inputs, targets, weights = batch['inputs'], batch['targets'], batch['weights']
-    positions = None
-    if max_predictions is not None and max_predictions < inputs.shape[1]:
-      positions = jax.lax.top_k(weights, max_predictions)[1]
-      targets = jnp.take_along_axis(targets, positions, axis=1)
-      weights = jnp.take_along_axis(weights, positions, axis=1)
-    logits = model.apply({'params': params}, inputs, train=train, task='mlm',
-                         positions=positions, rngs={'dropout': rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = jnp.argmax(logits, -1) == targets
-    return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
-            'correct': jnp.sum(correct * weights),
-            'tokens': jnp.sum(inputs != model.cfg.pad_id).astype(jnp.float32)}
-  return sums
-
-
-def classification_sums(model: nn.Module) -> SumsFn:
-  """Cross-entropy and accuracy summed over the real (weight 1) examples."""
-  def sums(params, batch, rng, train):
-    logits = model.apply({'params': params}, batch['inputs'], train=train, task='classify',
-                         rngs={'dropout': rng})
-    weights = batch['weights']
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
-    correct = jnp.argmax(logits, -1) == batch['labels']
-    return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
-            'correct': jnp.sum(correct * weights),
-            'tokens': jnp.sum(batch['inputs'] != model.cfg.pad_id).astype(jnp.float32)}
-  return sums
 
 
 def make_train_step(sums_fn: SumsFn, tx: optax.GradientTransformation, accum_steps: int):

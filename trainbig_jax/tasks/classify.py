@@ -1,7 +1,8 @@
 """Fine-tuning a pretrained encoder for classification, optionally compression-aware.
 
-The encoder's size, vocabulary and tokenizer come from the init checkpoint (a pretraining
-run folder); a fresh classification head is added. Compression-aware variants:
+The task named 'classify'. The encoder's size, vocabulary and tokenizer come from the init
+checkpoint (a pretraining run folder); a fresh classification head is added. The dataset is
+`config.task` (a name in data/classification.TASKS). Compression-aware variants:
   * gradual magnitude pruning (Zhu & Gupta cubic ramp) as an optax transformation chained
     after AdamW: masks live in the optimizer state and pruned weights are exactly zero after
     every update, and fixed after the ramp ends;
@@ -14,6 +15,7 @@ WORKDIR/best/, which downstream commands (compress, eval) read by default.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+import optax
 
 from trainbig_jax.compress import prune, quantize
 from trainbig_jax.data import classification, sources
-from trainbig_jax.data.tokenizer import load_tokenizer
+from trainbig_jax.data.tokenizer import Tokenizer, load_tokenizer
 from trainbig_jax.models.encoder import Encoder, encoder_config
+from trainbig_jax.tasks.mlm import check_model_config, encoder_init_fn
 from trainbig_jax.train import checkpoint, distributed, loop
-from trainbig_jax.train.pretrain import ConfigError, check_model_config, check_train_config
+from trainbig_jax.train.best import BestCheckpoint
+from trainbig_jax.train.checks import ConfigError, check_train_config
 from trainbig_jax.train.state import make_optimizer
-from trainbig_jax.train.steps import classification_sums
+from trainbig_jax.train.steps import Batch, SumsFn
+
+NAME = 'classify'
+PRIMARY_METRIC = 'eval_accuracy'
+PRIMARY_MODE = 'max'
 
 # Parts of the tree taken from the pretrained checkpoint; the heads are not.
 ENCODER_PARTS = ('embed', 'final_norm')
@@ -45,7 +53,7 @@ def pruning_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return int(p.begin_frac * total), int(p.end_frac * total)
 
 
-def check_finetune_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   classification.get_task(config.task)
   if not (isinstance(config.max_len, int) and config.max_len >= 4):
     raise ConfigError(f'max_len={config.max_len!r} is invalid: it must be an integer >= 4.')
@@ -67,6 +75,63 @@ def _model_config(config: ml_collections.ConfigDict, pretrain_config, num_classe
   m.num_classes = num_classes
   check_model_config(m)
   return m
+
+
+def build_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Encoder:
+  """The encoder with its classification head; `config.model` is the resolved one."""
+  return Encoder(encoder_config(config.model, vocab_size=tokenizer.vocab_size,
+                                pad_id=tokenizer.pad_id))
+
+
+def init_params_fn(model: Encoder, config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  return encoder_init_fn(model, config.max_len, 'classify')
+
+
+def classification_sums(model: Encoder) -> SumsFn:
+  """Cross-entropy and accuracy summed over the real (weight 1) examples."""
+  def sums(params, batch, rng, train):
+    logits = model.apply({'params': params}, batch['inputs'], train=train, task='classify',
+                         rngs={'dropout': rng})
+    weights = batch['weights']
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
+    correct = jnp.argmax(logits, -1) == batch['labels']
+    return {'loss': jnp.sum(loss * weights), 'weight': jnp.sum(weights),
+            'correct': jnp.sum(correct * weights),
+            'tokens': jnp.sum(batch['inputs'] != model.cfg.pad_id).astype(jnp.float32)}
+  return sums
+
+
+def sums_fn(model: Encoder, config: ml_collections.ConfigDict) -> SumsFn:
+  return classification_sums(model)
+
+
+class _Passes:
+  """A re-iterable: every `iter()` starts a new pass (the grain iterator is single-pass)."""
+
+  def __init__(self, make_iterator: Callable[[], Iterable[Batch]]):
+    self._make_iterator = make_iterator
+
+  def __iter__(self):
+    return iter(self._make_iterator())
+
+
+def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 split: str | None = None) -> Iterable[Batch]:
+  """Passes over the dataset's (first) validation split, this process's share."""
+  spec = classification.get_task(config.task)
+  return _Passes(lambda: classification.classification_iterator(
+      config.task, split or spec.eval_splits[0], tokenizer=tokenizer, max_len=config.max_len,
+      batch_size=config.train.batch_size // jax.process_count(), data_dir=config.data_dir,
+      process_index=jax.process_index(), process_count=jax.process_count()))
+
+
+def count_examples(batch: Batch) -> int:
+  return int(np.sum(batch['weights'] > 0))
+
+
+def extra_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
+                     tokenizer: Tokenizer) -> None:
+  return None
 
 
 def load_pretrained(init_checkpoint: str | os.PathLike):
@@ -112,22 +177,22 @@ def merge_pretrained(fresh: Any, pretrained: dict[str, Any], source: str) -> Any
 
 def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLike,
              workdir: str | os.PathLike) -> loop.Summary:
-  check_finetune_config(config)
-  task = classification.get_task(config.task)
+  check_config(config)
+  spec = classification.get_task(config.task)
   pre_config, tokenizer, pretrained = load_pretrained(init_checkpoint)
   config = ml_collections.ConfigDict(config.to_dict())
   with config.unlocked():
+    config.task_kind = NAME
     config.init_checkpoint = str(Path(init_checkpoint).absolute())
-    config.model = _model_config(config, pre_config, task.num_classes)
+    config.model = _model_config(config, pre_config, spec.num_classes)
   if config.max_len > config.model.max_len:
     raise ConfigError(f'max_len={config.max_len} exceeds the pretrained model\'s '
                       f'{config.model.max_len} positions.')
-  model = Encoder(encoder_config(config.model, vocab_size=tokenizer.vocab_size,
-                                 pad_id=tokenizer.pad_id))
+  model = build_model(config, tokenizer)
+  fresh_params = init_params_fn(model, config)
 
   def init_params(rng):
-    fresh = model.init(rng, jnp.zeros((1, config.max_len), jnp.int32), task='classify')['params']
-    return merge_pretrained(fresh, pretrained, str(init_checkpoint))
+    return merge_pretrained(fresh_params(rng), pretrained, str(init_checkpoint))
 
   # An incompatible checkpoint fails here, before anything is written (abstract: no compute).
   jax.eval_shape(init_params, jax.random.key(0))
@@ -136,7 +201,7 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
   with distributed.primary_first('trainbig:finetune_prepare'):
     checkpoint.write_config(workdir, config)
     tokenizer.copy_to(str(workdir))
-    sources.prepare(task.dataset, config.data_dir)
+    sources.prepare(spec.dataset, config.data_dir)
 
   tx = make_optimizer(config.train)
   p, q = config.compression.prune, config.compression.qat
@@ -144,70 +209,31 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
     begin, end = pruning_steps(config)
     tx = prune.with_pruning(tx, p.final_sparsity, begin, end, update_every=p.update_every,
                             scope=p.scope, include=tuple(p.include), exclude=tuple(p.exclude))
-  sums_fn = classification_sums(model)
+  sums = sums_fn(model, config)
   if q.bits:
-    sums_fn = qat_sums(sums_fn, config)
+    sums = quantize.qat_sums(sums, q)
 
   index, count = jax.process_index(), jax.process_count()
-  per_process = config.train.batch_size // count
-  common = dict(tokenizer=tokenizer, max_len=config.max_len, data_dir=config.data_dir,
-                process_index=index, process_count=count)
   train_iterator = classification.classification_iterator(
-      config.task, task.train_split, batch_size=per_process, seed=config.seed, shuffle=True,
-      repeat=True, **common)
+      config.task, spec.train_split, batch_size=config.train.batch_size // count,
+      seed=config.seed, shuffle=True, repeat=True, tokenizer=tokenizer, max_len=config.max_len,
+      data_dir=config.data_dir, process_index=index, process_count=count)
 
-  def eval_batches():
-    return classification_eval_batches(config, tokenizer)
-
-  best = BestCheckpoint(workdir, min_step=pruning_steps(config)[1] if p.final_sparsity else 0)
-  job = loop.Job(config=config, workdir=workdir, sums_fn=sums_fn, init_params=init_params,
-                 train_iterator=train_iterator, eval_batches=eval_batches, tx=tx,
-                 on_eval=best.consider)
+  best = BestCheckpoint(workdir, PRIMARY_METRIC, PRIMARY_MODE,
+                        min_step=pruning_steps(config)[1] if p.final_sparsity else 0)
+  validation = eval_batches(config, tokenizer)
+  job = loop.Job(config=config, workdir=workdir, sums_fn=sums, init_params=init_params,
+                 train_iterator=train_iterator, eval_batches=lambda: validation, tx=tx,
+                 on_eval=best.consider,
+                 extra_metrics=extra_metrics_fn(model, config, tokenizer))
   summary = loop.run(job)
   best.close()
   return summary
 
 
-def classification_eval_batches(config: ml_collections.ConfigDict, tokenizer,
-                                split: str | None = None):
-  """One pass over the task's (first) validation split, this process's share."""
-  task = classification.get_task(config.task)
-  return classification.classification_iterator(
-      config.task, split or task.eval_splits[0], tokenizer=tokenizer, max_len=config.max_len,
-      batch_size=config.train.batch_size // jax.process_count(), data_dir=config.data_dir,
-      process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def qat_sums(sums_fn, config: ml_collections.ConfigDict):
-  """The task's sums computed with fake-quantized weights (straight-through gradients)."""
-  q = config.compression.qat
-
-  def sums(params, batch, rng, train):
-    quantized = quantize.fake_quant_tree(params, q.bits, symmetric=q.symmetric,
-                                         per_channel=q.per_channel, include=tuple(q.include),
-                                         exclude=tuple(q.exclude))
-    return sums_fn(quantized, batch, rng, train)
-  return sums
-
-
-class BestCheckpoint:
-  """Keeps the parameters of the most accurate evaluation in WORKDIR/best (Orbax, keep 1)."""
-
-  def __init__(self, workdir: Path, min_step: int = 0):
-    self.min_step = min_step
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=True, enable_async_checkpointing=False,
-        best_fn=lambda m: m['eval_accuracy'], best_mode='max')
-    self.mngr = ocp.CheckpointManager(workdir.absolute() / checkpoint.BEST_DIR, options=options,
-                                      item_names=('state', 'metrics'))
-
-  def consider(self, step: int, state, metrics: dict[str, float]) -> None:
-    if step < self.min_step or step in self.mngr.all_steps():
-      return
-    self.mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({'params': state.params}),
-        metrics=ocp.args.JsonSave(metrics)), metrics=metrics)
-    self.mngr.wait_until_finished()
-
-  def close(self) -> None:
-    self.mngr.close()
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          init_checkpoint: str | os.PathLike | None = None) -> loop.Summary:
+  if init_checkpoint is None:
+    raise ConfigError('classification fine-tuning starts from a pretrained run: give '
+                      '--init_checkpoint=RUN (trainbig finetune).')
+  return finetune(config, init_checkpoint, workdir)
