@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -29,7 +28,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -38,7 +36,8 @@ from trainbig_jax.data.mlm import mask_tokens, max_predictions
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
 from trainbig_jax.train import partitioning
 from trainbig_jax.tasks.mlm import check_config, init_params_fn, mlm_sums
-from trainbig_jax.train.state import create_sharded_state, make_optimizer, path_str
+from trainbig_jax.train.flops import analytic_flops, matmul_flops_per_s
+from trainbig_jax.train.state import create_sharded_state, make_optimizer
 from trainbig_jax.train.steps import make_train_step
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask (data/tokenizer.py)
@@ -91,26 +90,6 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int,
   return mask_tokens(tokens, rng, vocab_size=vocab_size, mask_id=4, special_ids=SPECIAL_IDS,
                      mask_rate=data_config.mask_rate, mask_token_prob=data_config.mask_token_prob,
                      random_token_prob=data_config.random_token_prob)
-
-
-def analytic_flops(params, layers: int, hidden: int, seq_len: int, tokens: int,
-                   predicted_tokens: int) -> float:
-  """6 FLOPs (forward + backward) per parameter per token it sees, plus attention scores and
-  mixing, 12*layers*hidden*seq_len*T (QK^T and AV: forward 4*L*h*s*T, backward twice that).
-
-  The encoder sees every token; the MLM head and the token embedding, tied as the output
-  projection, see only the `predicted_tokens` masked positions (the trainer computes logits
-  there alone); the input lookups (token and position embeddings) do no multiply-adds.
-  """
-  def tokens_through(path: str) -> int:
-    if path.startswith('mlm_head/') or path == 'embed/token/embedding':
-      return predicted_tokens
-    if path == 'embed/position/embedding':
-      return 0
-    return tokens
-  per_param = sum(int(np.prod(x.shape)) * tokens_through(path_str(k))
-                  for k, x in jax.tree_util.tree_flatten_with_path(params)[0])
-  return 6.0 * per_param + 12.0 * layers * hidden * seq_len * tokens
 
 
 def xla_flops(compiled) -> float | None:
@@ -176,33 +155,6 @@ def time_train(config, num_steps: int) -> dict[str, Any]:
                                    + 12.0 * m.num_layers * m.hidden * d.seq_len * tokens),
       'predictions_per_row': predictions,
   }
-
-
-def matmul_flops_per_s(n: int, dtype, reps: int | None = None) -> float:
-  """Sustained FLOP/s of N x N matmuls on all devices at once (one per device, sharded), so
-  it is measured on the same devices the train step uses."""
-  devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ('d',), axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = NamedSharding(mesh, P('d'))
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  make = jax.jit(lambda k: jax.random.normal(k, (len(devices), n, n), dtype),
-                 out_shardings=sharding)
-  a, b = make(key_a), make(key_b)
-  # Chained so that no repetition can be skipped; the scale keeps values bounded.
-  matmul = jax.jit(lambda x, y: jnp.einsum('dij,djk->dik', x, y) * (1.0 / math.sqrt(n)),
-                   out_shardings=sharding)
-  jax.block_until_ready(matmul(a, b))  # compile and warm up
-  if reps is None:  # aim at ~2 s of timing
-    t0 = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
-    reps = int(np.clip(2.0 / max(time.perf_counter() - t0, 1e-6), 3, 200))
-  x = a
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    x = matmul(x, b)
-  jax.block_until_ready(x)
-  elapsed = time.perf_counter() - t0
-  return 2.0 * n ** 3 * len(devices) * reps / elapsed
 
 
 def _si(x: float | None, unit: str) -> str:

@@ -33,6 +33,9 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.
 _SWEEP = flags.DEFINE_string('sweep', None, 'A sweep folder.')
 _TRAIN_BUDGET = flags.DEFINE_float('train_budget_s', None, 'Training budget in seconds.')
 _SERVE_BUDGET = flags.DEFINE_float('serve_budget_mb', None, 'Serving budget in megabytes.')
+_RULES = flags.DEFINE_enum('rules', 'interval', ['interval', 'strict'],
+                           'Claim rules: bootstrap intervals (held / not held / undecided) '
+                           'or the strict point rules.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
@@ -109,7 +112,7 @@ def _sweep(command: str) -> None:
 
 def _report(command: str) -> None:
   from trainbig_jax.experiments.report import claims_table, write_report
-  report = write_report(_need(_SWEEP, 'sweep', command))
+  report = write_report(_need(_SWEEP, 'sweep', command), rules=_RULES.value)
   claims = json.loads((report.parent / 'claims.json').read_text())
   print(claims_table(claims))
   print(f'report: {report}')
@@ -135,7 +138,7 @@ def _demo(command: str) -> None:
                  f'({len(config.sizes)} sizes x {config.pretrain_budget_s:.0f} s pretraining; '
                  f'rerun the same command to resume)')
   run_sweep(config, workdir, progress=_progress_line)
-  report = write_report(workdir)
+  report = write_report(workdir, rules=_RULES.value)
   claims = json.loads((report.parent / 'claims.json').read_text())
   print(claims_table(claims))
   print(f'demo: report in {report}')
