@@ -17,8 +17,9 @@ then compressed at every sparsity and bit width of the grids and evaluated.
 Presets:
   demo    3 sizes on the embedded corpora; about 9 minutes on 2 CPU cores.
   tiny    2 sizes, seconds each; for tests.
-  gpu     5 sizes from 6 x 256 to 12 x 768, seq 128, about a minute of pretraining each:
-          the study for one H100/H200 in under 10 minutes (docs/gpu/README.md).
+  gpu     4 sizes from 6 x 256 to 12 x 768, seq 128, 50 s of pretraining each, fine-tuned
+          and compressed: the study for one H100/H200 in under 10 minutes (estimated, not
+          yet run on a GPU; docs/gpu/README.md).
   depth   the paper's depth grid (3..24 layers at hidden 768), RoBERTa settings, MNLI.
   width   the paper's width grid (hidden 256..1536 at 6 layers), RoBERTa settings, MNLI.
 """
@@ -79,21 +80,22 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.pretrain_budget_flops = 1.5e9
     c.pretrain_budget_tokens = 10_000.0
   elif preset == 'gpu':
-    # One GPU, under 10 minutes in all: 5 sizes x (~60 s pretraining + compile + fine-tuning
-    # + 12 compressed evaluations). Widths and depths of the paper's grids at seq 128.
-    c.sizes = ((6, 256), (6, 512), (6, 768), (12, 512), (12, 768))
+    # One H100/H200, under 10 minutes in all (an estimate; not yet run on a GPU): 4 sizes x
+    # (50 s pretraining + compilation + 600 fine-tuning steps + 8 evaluated cells).
+    c.sizes = ((6, 256), (6, 512), (6, 768), (12, 768))
     c.pretrain_preset = 'demo'
-    c.pretrain_budget_s = 60.0
-    c.pretrain_budget_flops = 2e16  # about a minute of the largest size at ~40% of an H100
-    c.pretrain_budget_tokens = 1e8
+    c.pretrain_budget_s = 50.0
+    c.pretrain_budget_flops = 1e16  # --config.budget=flops: ~25 s of 12 x 768 at 400 TFLOP/s
+    c.pretrain_budget_tokens = 5e7  # --config.budget=tokens
     c.pretrain_overrides = ml_collections.ConfigDict({
-        'model': {'max_len': 128, 'dtype': 'bfloat16', 'dropout': 0.1},
-        'data': {'seq_len': 128, 'vocab_size': 8192},
+        'model': {'max_len': 130, 'dtype': 'bfloat16'},
+        'data': {'seq_len': 128, 'vocab_size': 8192, 'num_eval_batches': 8},
         'train': {'batch_size': 128, 'learning_rate': 5e-4, 'warmup_steps': 500,
-                  'log_every': 100, 'checkpoint_every': 2000}})
+                  'log_every': 100, 'checkpoint_every': 5000}})
     c.finetune_overrides = ml_collections.ConfigDict(
-        {'train': {'budget_s': 0.0, 'total_steps': 600, 'eval_every': 200,
-                   'batch_size': 64}, 'max_len': 64})
+        {'train': {'budget_s': 0.0, 'total_steps': 600, 'eval_every': 200}})
+    c.sparsities = (0.5, 0.9)
+    c.bits = (8, 4, 2)
   elif preset in ('depth', 'width'):
     grid = pretrain.DEPTH_GRID if preset == 'depth' else pretrain.WIDTH_GRID
     c.sizes = (tuple((d, 768) for d in grid) if preset == 'depth' else

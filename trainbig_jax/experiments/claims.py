@@ -51,8 +51,8 @@ CLAIM_KEYS = (
 )
 CLAIM_TEXT = {
     'bigger_lower_loss_at_equal_time':
-        'For equal pretraining wall-clock time, the largest model reaches the lowest '
-        'validation MLM loss.',
+        'For an equal pretraining budget (wall-clock by default; FLOPs or tokens), the '
+        'largest model reaches the lowest validation MLM loss.',
     'bigger_more_robust_to_compression':
         'The largest model loses the least accuracy under pruning and quantization.',
     'compressed_big_beats_small_at_equal_size':

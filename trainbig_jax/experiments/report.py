@@ -36,8 +36,8 @@ Row = Mapping[str, Any]
 Curves = Mapping[str, Mapping[str, Sequence[float]]]
 
 FIGURES = ('loss_vs_time.png', 'prune_accuracy.png', 'quant_accuracy.png', 'frontier.png')
-# Tokens of the embedded State of the Union training split under the demo tokenizer
-# (approximate; see docs/gpu/README.md for how it was counted).
+# Tokens of the embedded State of the Union corpus, an estimate (not a count): ~2.0 M words
+# at ~1.3 SentencePiece tokens per word. Only used to warn about repeated epochs.
 SOTU_TRAIN_TOKENS_ESTIMATE = 2.6e6
 WALL_CLOCK_NOTE = ('Wall-clock times count training steps only: evaluation and checkpointing '
                    'are excluded, so sizes are compared on the time spent learning.')
@@ -161,6 +161,11 @@ def plot_frontier(results: Sequence[Row], order: Sequence[str], path: Path) -> P
   for r in frontier:
     ax.scatter([r['stored_bytes'] / 1e6], [claims_lib.metric(r)], s=60,
                color=colors[r['model']], edgecolors='black', zorder=3)
+    if r.get('metric_interval') is not None:  # bootstrap interval over examples and seeds
+      lo, hi = r['metric_interval']
+      y = claims_lib.metric(r)
+      ax.errorbar([r['stored_bytes'] / 1e6], [y], yerr=[[y - lo], [hi - y]], fmt='none',
+                  ecolor=colors[r['model']], elinewidth=1, capsize=3, zorder=2)
     ax.annotate(claims_lib.cell_label(r), (r['stored_bytes'] / 1e6, claims_lib.metric(r)),
                 textcoords='offset points', xytext=(4, -10), fontsize=6)
   ax.set_xscale('log')
@@ -234,7 +239,7 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
                                         r['sparsity'], -r['bits']))
   name = claims_lib.metric_name(results)
   out = ['| model | params | seeds | steps | pretrain loss | method | sparsity | bits | MB | '
-         f'{name} (mean ± sd over seeds) | 95% interval |',
+         f'{name} | sd over seeds | 95% interval |',
          '| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |']
   for r in rows:
     seeds = r.get('seed_rows', [r])
@@ -245,7 +250,7 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
                f'{"/".join(map(str, steps))} | '
                f'{"-" if not losses else format(sum(losses) / len(losses), ".4f")} | '
                f'{_md(r["method"])} | {claims_lib.percent(r["sparsity"])} | {r["bits"]} | '
-               f'{r["stored_bytes"] / 1e6:.3f} | {claims_lib.metric(r):.4f} ± '
+               f'{r["stored_bytes"] / 1e6:.3f} | {claims_lib.metric(r):.4f} | '
                f'{r.get("metric_std", 0.0):.4f} | '
                f'{"-" if iv is None else f"[{iv[0]:.4f}, {iv[1]:.4f}]"} |')
   return out
@@ -289,15 +294,17 @@ def _fits_table(curves: Curves, order: Sequence[str]) -> list[str]:
 def _corpus_note(results: Sequence[Row], config: Mapping[str, Any]) -> list[str]:
   """Says when pretraining repeated the embedded corpus many times over."""
   tokens = max((r.get('pretrain_tokens') or 0.0) for r in results)
-  dataset = ((config.get('pretrain_overrides') or {}).get('data') or {}).get('dataset', 'sotu')
-  if dataset != 'sotu' or not tokens:
+  dataset = ((config.get('pretrain_overrides') or {}).get('data') or {}).get(
+      'dataset', 'trainbig_sotu')
+  if dataset != 'trainbig_sotu' or not tokens:
     return []
   epochs = tokens / SOTU_TRAIN_TOKENS_ESTIMATE
   if epochs < 2:
     return []
   return [f'- Pretraining saw up to {tokens:,.0f} tokens, about {epochs:.0f} passes over the '
           f'embedded State of the Union corpus (~{SOTU_TRAIN_TOKENS_ESTIMATE / 1e6:.1f} M '
-          f'tokens): repeated epochs, so losses partly measure memorisation. A larger corpus '
+          f'tokens, estimated): repeated epochs, so losses partly measure memorisation. '
+          f'A larger corpus '
           f'(e.g. `--config.pretrain_overrides.data.dataset=wikipedia/20230601.en` prepared '
           f'as array_record, or a Debian documentation corpus; see DESIGN.md) fits this '
           f'scale better.']
@@ -367,6 +374,10 @@ def write_report(sweep_dir: str | Path, rules: str = 'interval') -> Path:
     md += [''] + _corpus_note(raw_results, config) + ['']
 
   md += ['## Figures', '']
+  if any(r.get('metric_interval') for r in results):
+    name = claims_lib.metric_name(results)
+    md += [f'Error bars: each cell\'s 95% bootstrap interval of its {name} '
+           '(over evaluation examples, and over seeds when there are several).', '']
   metric = claims_lib.metric_name(results)  # the task's primary metric
   captions = {
       'loss_vs_time.png': 'Validation MLM loss vs wall-clock time and vs steps',

@@ -2,8 +2,9 @@
 
 It stops at `train.total_steps` or when the training clock reaches `train.budget_s`, whichever
 comes first (the paper compares model sizes at equal wall-clock); `train.budget_flops` and
-`train.budget_tokens` stop it, within one step, at a machine-independent budget instead. The clock counts only
-training steps (data loading included): compilation, evaluation and checkpointing are
+`train.budget_tokens` stop it, within one step, at a machine-independent budget instead (the
+FLOPs are the task's analytic count, carried in the checkpointed progress). The clock counts
+only training steps (data loading included): compilation, evaluation and checkpointing are
 excluded. SIGTERM (a preempted job) saves a checkpoint and returns cleanly; a rerun with the
 same workdir resumes at the same step and data position.
 """
