@@ -142,7 +142,7 @@ def test_report_from_the_sweep(finished):
   assert loss['evidence']['comparisons'][0]['n_seeds'] == [2, 2]
   # Mean and sd over the two seeds, each cell's interval, and the budget spent.
   dense = next(l for l in text.splitlines() if l.startswith('| L2_H64 |') and '| dense |' in l)
-  assert '| 2 |' in dense and dense.count('|') == 12 and '[' in dense
+  assert '| 2 |' in dense and dense.count('|') == 13 and '[' in dense
   assert 'Pretraining budget: **flops**' in text and 'GFLOP/s' in text
   strict = report.write_report(workdir, rules='strict')
   assert json.loads((workdir / 'claims.json').read_text())[

@@ -240,7 +240,7 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
   name = claims_lib.metric_name(results)
   out = ['| model | params | seeds | steps | pretrain loss | method | sparsity | bits | MB | '
          f'{name} | sd over seeds | 95% interval |',
-         '| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |']
+         '| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |']
   for r in rows:
     seeds = r.get('seed_rows', [r])
     losses = [x['pretrain_eval_loss'] for x in seeds if x['pretrain_eval_loss'] is not None]
@@ -259,7 +259,8 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
 def _budget_table(results: Sequence[Row], machine: Mapping[str, Any]) -> list[str]:
   """What each size spent of its pretraining budget (means over seeds), and the machine."""
   b = claims_lib.budget_of(results)
-  out = [f'Pretraining budget: **{b["kind"]}**, {budget_text({"budget": b})[8:]}. '
+  value = budget_text({'budget': b}).split('(', 1)[-1].rstrip(')')
+  out = [f'Pretraining budget: **{b["kind"]}**, {value}. '
          'Steps, tokens and analytic FLOPs are the same on any machine; seconds are this '
          'machine\'s.', '']
   if machine:
