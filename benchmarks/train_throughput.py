@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -29,16 +28,15 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.data.mlm import mask_tokens, max_predictions
 from trainbig_jax.models.encoder import DTYPES, Encoder, encoder_config
-from trainbig_jax.models.layout import path_str
 from trainbig_jax.tasks.mlm import check_config, init_params_fn, mlm_sums
 from trainbig_jax.train import partitioning
+from trainbig_jax.train.flops import analytic_flops, matmul_flops_per_s
 from trainbig_jax.train.state import create_sharded_state, make_optimizer
 from trainbig_jax.train.steps import make_train_step
 
@@ -97,26 +95,6 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int,
   return mask_tokens(tokens, rng, vocab_size=vocab_size, mask_id=4, special_ids=SPECIAL_IDS,
                      mask_rate=data_config.mask_rate, mask_token_prob=data_config.mask_token_prob,
                      random_token_prob=data_config.random_token_prob)
-
-
-def analytic_flops(params, layers: int, hidden: int, seq_len: int, tokens: int,
-                   predicted_tokens: int) -> float:
-  """6 FLOPs (forward + backward) per parameter per token it sees, plus attention scores and
-  mixing, 12*layers*hidden*seq_len*T (QK^T and AV: forward 4*L*h*s*T, backward twice that).
-
-  The encoder sees every token; the MLM head and the token embedding, tied as the output
-  projection, see only the `predicted_tokens` masked positions (the trainer computes logits
-  there alone); the input lookups (token and position embeddings) do no multiply-adds.
-  """
-  def tokens_through(path: str) -> int:
-    if path.startswith('mlm_head/') or path == 'embed/token/embedding':
-      return predicted_tokens
-    if path == 'embed/position/embedding':
-      return 0
-    return tokens
-  per_param = sum(int(np.prod(x.shape)) * tokens_through(path_str(k))
-                  for k, x in jax.tree_util.tree_flatten_with_path(params)[0])
-  return 6.0 * per_param + 12.0 * layers * hidden * seq_len * tokens
 
 
 def xla_flops(compiled) -> float | None:
@@ -222,33 +200,6 @@ def pipeline_tokens_per_s(config, num_batches: int, workdir: str | None = None) 
   for _ in range(num_batches):
     tokens += next(batches)['inputs'].size
   return tokens / (time.perf_counter() - t0)
-
-
-def matmul_flops_per_s(n: int, dtype, reps: int | None = None) -> float:
-  """Sustained FLOP/s of N x N matmuls on all devices at once (one per device, sharded), so
-  it is measured on the same devices the train step uses."""
-  devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ('d',), axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = NamedSharding(mesh, P('d'))
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  make = jax.jit(lambda k: jax.random.normal(k, (len(devices), n, n), dtype),
-                 out_shardings=sharding)
-  a, b = make(key_a), make(key_b)
-  # Chained so that no repetition can be skipped; the scale keeps values bounded.
-  matmul = jax.jit(lambda x, y: jnp.einsum('dij,djk->dik', x, y) * (1.0 / math.sqrt(n)),
-                   out_shardings=sharding)
-  jax.block_until_ready(matmul(a, b))  # compile and warm up
-  if reps is None:  # aim at ~2 s of timing
-    t0 = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
-    reps = int(np.clip(2.0 / max(time.perf_counter() - t0, 1e-6), 3, 200))
-  x = a
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    x = matmul(x, b)
-  jax.block_until_ready(x)
-  elapsed = time.perf_counter() - t0
-  return 2.0 * n ** 3 * len(devices) * reps / elapsed
 
 
 def _si(x: float | None, unit: str) -> str:

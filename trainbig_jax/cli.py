@@ -54,6 +54,9 @@ _ACCELERATOR = flags.DEFINE_string('accelerator', None, 'plan-memory: target acc
 _ALL_PRESETS = flags.DEFINE_bool('all_presets', False, "plan-memory: the paper's depth and width "
                                  'grid presets, as a table in docs/memory.md (--accelerator may '
                                  'then list several, comma-separated).')
+_RULES = flags.DEFINE_enum('rules', 'interval', ['interval', 'strict'],
+                           'Claim rules: bootstrap intervals (held / not held / undecided) '
+                           'or the strict point rules.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process job found by JAX (TPU pod, SLURM, ...); the '
     'TRAINBIG_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID variables do so without this flag.')
@@ -137,7 +140,7 @@ def _sweep(command: str) -> None:
 
 def _report(command: str) -> None:
   from trainbig_jax.experiments.report import claims_table, write_report
-  report = write_report(_need(_SWEEP, 'sweep', command))
+  report = write_report(_need(_SWEEP, 'sweep', command), rules=_RULES.value)
   claims = json.loads((report.parent / 'claims.json').read_text())
   print(claims_table(claims))
   print(f'report: {report}')
@@ -163,7 +166,7 @@ def _demo(command: str) -> None:
                  f'({len(config.sizes)} sizes x {config.pretrain_budget_s:.0f} s pretraining; '
                  f'rerun the same command to resume)')
   run_sweep(config, workdir, progress=_progress_line)
-  report = write_report(workdir)
+  report = write_report(workdir, rules=_RULES.value)
   claims = json.loads((report.parent / 'claims.json').read_text())
   print(claims_table(claims))
   print(f'demo: report in {report}')

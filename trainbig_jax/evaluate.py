@@ -37,8 +37,38 @@ def _mesh_for(config) -> jax.sharding.Mesh:
     return partitioning.make_mesh((-1, 1, 1))
 
 
-def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False) -> dict[str, Any]:
-  """Evaluates a run folder or compressed checkpoint; returns metrics and storage facts."""
+def make_per_example_step(sums_fn):
+  """(params, batch) -> the task's sums of each example alone ({'loss': [B], 'weight': [B],
+  ...}): the sums function vmapped over size-1 batches, so any task's evaluation splits into
+  per-example values without knowing the task (padding examples come out with weight 0)."""
+  def step(params, batch):
+    def one(example):
+      return sums_fn(params, jax.tree.map(lambda x: x[None], example), jax.random.key(0), False)
+    return jax.vmap(one)(batch)
+  return step
+
+
+def per_example_sums(per_example_step, params, batches, mesh) -> dict[str, np.ndarray]:
+  """Every real example's sums in evaluation order: {'loss', 'weight', 'correct'} arrays.
+
+  This process's share of the split (the sweep evaluates in one process)."""
+  parts = []
+  for batch in batches:
+    sums = jax.device_get(per_example_step(params, partitioning.global_batch(batch, mesh)))
+    parts.append({k: np.asarray(sums[k], np.float64) for k in ('loss', 'weight', 'correct')})
+  out = {k: np.concatenate([p[k] for p in parts]) for k in ('loss', 'weight', 'correct')}
+  real = out['weight'] > 0
+  return {k: v[real] for k, v in out.items()}
+
+
+def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False,
+                        per_example: bool = False) -> dict[str, Any]:
+  """Evaluates a run folder or compressed checkpoint; returns metrics and storage facts.
+
+  With `per_example`, result['per_example'] holds each real example's loss, weight and
+  correct sums (see `per_example_sums`; the metrics are their ratios sum(loss)/sum(weight)
+  and sum(correct)/sum(weight)), for paired comparisons (experiments/uncertainty.py).
+  """
   path = Path(path)
   if not path.exists():
     raise checkpoint.CheckpointError(f'--checkpoint={path} does not exist.')
@@ -76,6 +106,10 @@ def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False) -> dict[str
     if extra_metrics is not None:
       metrics.update(extra_metrics(params))
     seconds = time.perf_counter() - start
+    if per_example:
+      step = jax.jit(make_per_example_step(sums_fn),
+                     in_shardings=(shardings, partitioning.batch_sharding(mesh)))
+      per_example_values = per_example_sums(step, params, batches(), mesh)
   examples = sum(task.count_examples(b) for b in batches())
   return {
       'checkpoint': str(path), 'task': config.get('task', task.NAME), 'task_kind': task.NAME,
@@ -85,4 +119,5 @@ def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False) -> dict[str
       'nonzero_params': sum(int(np.count_nonzero(x)) for x in leaves),
       **facts, 'eval_examples': examples, 'eval_seconds': seconds,
       'examples_per_s': examples / max(seconds, 1e-9),
+      **({'per_example': per_example_values} if per_example else {}),
   }

@@ -83,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 10_000
   c.train.total_steps = 500_000  # also sets the linear decay horizon
   c.train.budget_s = 0.0  # wall-clock training budget in seconds; 0 means none
+  # Machine-independent budgets (0: none): analytic training FLOPs (train/flops.py), or
+  # tokens seen; the run stops within one step of the first budget reached.
+  c.train.budget_flops = 0.0
+  c.train.budget_tokens = 0.0
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
   c.train.b2 = 0.98

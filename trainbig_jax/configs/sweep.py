@@ -1,7 +1,13 @@
-"""Sweep presets: model sizes under one wall-clock budget, then fine-tuning and compression.
+"""Sweep presets: model sizes under one training budget, then fine-tuning and compression.
 
 Usage: trainbig sweep --config=configs/sweep.py:PRESET --workdir=DIR
        [--config.pretrain_budget_s=600 --config.sizes='((3, 768), (6, 768))' ...]
+       [--config.seeds=3] [--config.budget=flops --config.pretrain_budget_flops=1e15]
+
+The budget is `budget='time'` (pretrain_budget_s seconds of training, the paper's measure and
+the default), 'flops' (pretrain_budget_flops analytic training FLOPs) or 'tokens'
+(pretrain_budget_tokens); FLOPs and tokens give the same runs on any machine. `seeds=N` runs
+every cell N times with different initialisation, data order and masking.
 
 Each size is (layers, hidden); heads = max(1, hidden // 64) unless `heads` is given, and the
 MLP is 4 x hidden wide. Every size is pretrained for the same `pretrain_budget_s` seconds of
@@ -11,6 +17,9 @@ then compressed at every sparsity and bit width of the grids and evaluated.
 Presets:
   demo    3 sizes on the embedded corpora; about 9 minutes on 2 CPU cores.
   tiny    2 sizes, seconds each; for tests.
+  gpu     4 sizes from 6 x 256 to 12 x 768, seq 128, 50 s of pretraining each, fine-tuned
+          and compressed: the study for one H100/H200 in under 10 minutes (estimated, not
+          yet run on a GPU; docs/gpu/README.md).
   depth   the paper's depth grid (3..24 layers at hidden 768), RoBERTa settings, MNLI.
   width   the paper's width grid (hidden 256..1536 at 6 layers), RoBERTa settings, MNLI.
 """
@@ -27,6 +36,10 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c.heads = 0  # 0: hidden // 64 (at least 1)
   c.pretrain_preset = 'demo'
   c.pretrain_budget_s = 60.0
+  c.budget = 'time'  # 'time' | 'flops' | 'tokens': which pretraining budget stops each size
+  c.pretrain_budget_flops = 0.0  # used when budget='flops'
+  c.pretrain_budget_tokens = 0.0  # used when budget='tokens'
+  c.seeds = 1  # runs per cell (seed k adds k to the pretraining and fine-tuning seeds)
   # Common schedule horizon: with a wall-clock budget far below it, every size trains at the
   # same (warmed-up, slowly decaying) learning rate, so sizes differ only in speed and capacity.
   c.pretrain_total_steps = 100_000
@@ -63,6 +76,26 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
          'max_len': 32})
     c.sparsities = (0.5, 0.9)
     c.bits = (8, 4)
+    # About 5 steps of the larger size, 28 of the smaller (--config.budget=flops).
+    c.pretrain_budget_flops = 1.5e9
+    c.pretrain_budget_tokens = 10_000.0
+  elif preset == 'gpu':
+    # One H100/H200, under 10 minutes in all (an estimate; not yet run on a GPU): 4 sizes x
+    # (50 s pretraining + compilation + 600 fine-tuning steps + 8 evaluated cells).
+    c.sizes = ((6, 256), (6, 512), (6, 768), (12, 768))
+    c.pretrain_preset = 'demo'
+    c.pretrain_budget_s = 50.0
+    c.pretrain_budget_flops = 1e16  # --config.budget=flops: ~25 s of 12 x 768 at 400 TFLOP/s
+    c.pretrain_budget_tokens = 5e7  # --config.budget=tokens
+    c.pretrain_overrides = ml_collections.ConfigDict({
+        'model': {'max_len': 130, 'dtype': 'bfloat16'},
+        'data': {'seq_len': 128, 'vocab_size': 8192, 'num_eval_batches': 8},
+        'train': {'batch_size': 128, 'learning_rate': 5e-4, 'warmup_steps': 500,
+                  'log_every': 100, 'checkpoint_every': 5000}})
+    c.finetune_overrides = ml_collections.ConfigDict(
+        {'train': {'budget_s': 0.0, 'total_steps': 600, 'eval_every': 200}})
+    c.sparsities = (0.5, 0.9)
+    c.bits = (8, 4, 2)
   elif preset in ('depth', 'width'):
     grid = pretrain.DEPTH_GRID if preset == 'depth' else pretrain.WIDTH_GRID
     c.sizes = (tuple((d, 768) for d in grid) if preset == 'depth' else
@@ -74,5 +107,6 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.bits = compress.BITS_GRID
     c.prune_quantize = ((0.5, 8), (0.5, 4), (0.7, 4))
   else:
-    raise ValueError(f'Unknown sweep preset {preset!r}; allowed: demo, tiny, depth, width.')
+    raise ValueError(f'Unknown sweep preset {preset!r}; allowed: demo, tiny, gpu, depth, '
+                     f'width.')
   return c

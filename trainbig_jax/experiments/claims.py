@@ -20,12 +20,29 @@ the word "accuracy" for that quality whatever the metric; `evidence['metric']` n
 "The largest model" is always the model with the most `total_params` in the results (ties
 broken by name). Comparisons are strict: a tie does not count as the largest model winning,
 because a tie is no evidence for the claim.
+
+Two sets of rules decide (`rules=`):
+  'interval' (the default): every comparison is a paired bootstrap interval over the same
+      evaluation examples, and over seeds when a cell was run several times
+      (experiments/uncertainty.py); a comparison is 'held' when its whole interval lies on
+      the claim's side of zero, 'not held' when it lies wholly on the other side, else
+      'undecided'; a claim combines its comparisons with uncertainty.combine_verdicts. It
+      needs the sweep's per-example files (results rows name them in `examples` and
+      `pretrain_examples`); results without them fall back to 'strict' and say so.
+  'strict': the point rules of the three `claim_*` functions (on the means over seeds).
+Every claim then carries `verdict` ('held' / 'not held' / 'undecided'), `rules`, `margin`
+and `interval` (the decisive comparison's difference and [low, high]; None under strict
+rules) and `budget` (which pretraining budget the sizes were given).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from trainbig_jax.experiments import uncertainty
 
 CLAIM_KEYS = (
     'bigger_lower_loss_at_equal_time',
@@ -34,8 +51,8 @@ CLAIM_KEYS = (
 )
 CLAIM_TEXT = {
     'bigger_lower_loss_at_equal_time':
-        'For equal pretraining wall-clock time, the largest model reaches the lowest '
-        'validation MLM loss.',
+        'For an equal pretraining budget (wall-clock by default; FLOPs or tokens), the '
+        'largest model reaches the lowest validation MLM loss.',
     'bigger_more_robust_to_compression':
         'The largest model loses the least accuracy under pruning and quantization.',
     'compressed_big_beats_small_at_equal_size':
@@ -154,7 +171,7 @@ def _mean_metric(rows: Iterable[Row]) -> float | None:
 
 # ----------------------------------------------------------------------------- claim 1
 
-def _loss_at(curve: Mapping[str, Sequence[float]], t: float) -> tuple[float, float, int] | None:
+def loss_at(curve: Mapping[str, Sequence[float]], t: float) -> tuple[float, float, int] | None:
   """(loss, eval time, step) of the last eval at or before wall-clock t, or None."""
   best = None
   for step, wt, loss in zip(curve['step'], curve['wall_time_s'], curve['eval_loss']):
@@ -193,7 +210,7 @@ def claim_bigger_lower_loss(results: Sequence[Row], curves: Curves) -> dict[str,
   if t_common <= 0:  # only the step-0 eval of some size exists: nothing was trained yet
     short = [m for m in models if max(curves[m]['wall_time_s']) <= 0]
     return _null(key, f'no eval after training started for: {", ".join(short)}.', evidence)
-  at = {m: _loss_at(curves[m], t_common) for m in models}
+  at = {m: loss_at(curves[m], t_common) for m in models}
   missing = [m for m in models if at[m] is None]
   budgets = sorted({float(r['pretrain_budget_s']) for r in results if r['model'] in models})
   evidence.update({
@@ -420,8 +437,8 @@ def claim_compressed_big_beats_small(results: Sequence[Row]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- all
 
-def evaluate_claims(results: Sequence[Row], curves: Curves) -> dict[str, dict[str, Any]]:
-  """Verdicts on the three claims, keyed by CLAIM_KEYS (see the module docstring).
+def strict_claims(results: Sequence[Row], curves: Curves) -> dict[str, dict[str, Any]]:
+  """Verdicts on the three claims by the strict point rules, keyed by CLAIM_KEYS.
 
   `results` are the rows of results.jsonl (see `results.load_results`), `curves` the eval
   curves of `results.load_curves`. With fewer than two model sizes every verdict is null.
@@ -438,3 +455,292 @@ def evaluate_claims(results: Sequence[Row], curves: Curves) -> dict[str, dict[st
       CLAIM_KEYS[1]: claim_bigger_more_robust(results),
       CLAIM_KEYS[2]: claim_compressed_big_beats_small(results),
   }
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def setting_key(r: Row) -> tuple[str, str, float, int]:
+  """What identifies a cell across seeds: its model and compression."""
+  return (r['model'], r['method'], round(float(r['sparsity']), 6), int(r['bits']))
+
+
+def aggregate_seeds(results: Iterable[Row]) -> list[dict[str, Any]]:
+  """One row per cell with the metric averaged over its seeds: `metric` is the mean,
+  `metric_std` the standard deviation over seeds (0 for one seed), `n_seeds` their count,
+  `seed_rows` the rows themselves; other keys are those of the lowest seed's row."""
+  groups: dict[tuple, list[Row]] = defaultdict(list)
+  for r in results:
+    groups[setting_key(r)].append(r)
+  out = []
+  for rows in groups.values():
+    rows = sorted(rows, key=lambda r: r.get('seed', 0))
+    values = np.array([metric(r) for r in rows])
+    out.append({**rows[0], 'metric': float(values.mean()), 'metric_std': float(values.std()),
+                'n_seeds': len(rows), 'seed_rows': rows})
+  return out
+
+
+# ----------------------------------------------------------------------------- intervals
+
+# Which per-example sums (evaluate.per_example_sums) a metric is the ratio of, over 'weight'.
+METRIC_SUMS = {'eval_accuracy': 'correct', 'eval_loss': 'loss'}
+Examples = Callable[[str], Mapping[str, np.ndarray] | None]
+
+
+def ratio_statistic(rows: np.ndarray) -> float:
+  """sum(value) / sum(weight) of [examples, 2] rows: the task's own metric (accuracy, or the
+  token-weighted MLM loss) of a resampled set of examples."""
+  return float(np.sum(rows[:, 0]) / max(np.sum(rows[:, 1]), 1e-12))
+
+
+def drop_statistic(sign: float) -> Callable[[np.ndarray], float]:
+  """Quality lost from dense to compressed, of [examples, 4] rows (dense value, weight,
+  compressed value, weight); `sign` -1 for a lower-is-better metric."""
+  def drop(rows: np.ndarray) -> float:
+    return sign * (ratio_statistic(rows[:, :2]) - ratio_statistic(rows[:, 2:]))
+  return drop
+
+
+def _runs(rows: Sequence[Row], field: str, sums: str, examples: Examples) -> list[np.ndarray]:
+  """Per-seed [examples, 2] arrays (value, weight) of a cell, one per distinct file."""
+  runs, seen = [], set()
+  for r in sorted(rows, key=lambda r: r.get('seed', 0)):
+    if r[field] in seen:
+      continue
+    seen.add(r[field])
+    data = examples(r[field])
+    if data is None:
+      raise uncertainty.UncertaintyError(f'{r[field]} has no per-example data.')
+    runs.append(np.stack([data[sums], data['weight']], axis=1))
+  return runs
+
+
+def _compare(a_runs, b_runs, statistic, what: dict[str, Any]) -> dict[str, Any]:
+  """One comparison a - b (the claim wants it positive) with its interval and verdict."""
+  try:
+    iv = uncertainty.paired_difference(a_runs, b_runs, statistic=statistic)
+  except uncertainty.UncertaintyError as e:
+    return {**what, 'verdict': 'undecided', 'reason': str(e), 'margin': None, 'interval': None}
+  return {**what, 'verdict': uncertainty.verdict(iv), 'margin': iv.difference,
+          'interval': [iv.low, iv.high], 'confidence': iv.confidence,
+          'n_examples': iv.n_examples, 'n_seeds': list(iv.n_seeds)}
+
+
+def _decide(key: str, comparisons: list[dict[str, Any]], evidence: dict[str, Any],
+            describe: Callable[[dict[str, Any]], str], rule: str) -> dict[str, Any]:
+  """Combines comparisons; the decisive one is the weakest for the claim (lowest interval
+  bound) when it is not refuted, else the clearest refutation (lowest upper bound)."""
+  verdict = uncertainty.combine_verdicts([c['verdict'] for c in comparisons])
+  with_iv = [c for c in comparisons if c['interval'] is not None]
+  decisive = None
+  if with_iv:
+    decisive = (min(with_iv, key=lambda c: c['interval'][1]) if verdict == 'not held'
+                else min(with_iv, key=lambda c: c['interval'][0]))
+  counts = {v: sum(c['verdict'] == v for c in comparisons) for v in uncertainty.VERDICTS}
+  tally = ', '.join(f'{n} {v}' for v, n in counts.items() if n)
+  explanation = (f'{rule}; {len(comparisons)} comparison(s): {tally}.'
+                 + (f' Decisive: {describe(decisive)}' if decisive else ''))
+  evidence = {**evidence, 'comparisons': comparisons}
+  return {'claim': CLAIM_TEXT[key], 'verdict': verdict,
+          'held': {'held': True, 'not held': False}.get(verdict), 'reason': None,
+          'rules': 'interval', 'margin': decisive and decisive['margin'],
+          'interval': decisive and decisive['interval'], 'evidence': evidence,
+          'explanation': explanation}
+
+
+def _iv_text(c: dict[str, Any]) -> str:
+  lo, hi = c['interval']
+  return (f'{c["margin"]:+.4f} [{lo:+.4f}, {hi:+.4f}] '
+          f'({round(100 * c["confidence"])}% interval, {c["n_examples"]} examples, seeds '
+          f'{c["n_seeds"][0]}/{c["n_seeds"][1]}) -> {c["verdict"]}.')
+
+
+def interval_bigger_lower_loss(results: Sequence[Row], examples: Examples) -> dict[str, Any]:
+  """Claim 1 by intervals: the final pretraining checkpoint of each size (the end of the
+  budget) on the same masked validation sequences; per comparison, loss(smaller) -
+  loss(largest) (token-weighted MLM loss, paired over sequences, hierarchical over seeds),
+  wanted > 0, for the largest against every other size."""
+  key = CLAIM_KEYS[0]
+  sizes = model_sizes(results)
+  largest = _largest(sizes)
+  by_model = {m: [r for r in results if r['model'] == m] for m in sizes}
+  stat = ratio_statistic
+  big = _runs(by_model[largest], 'pretrain_examples', 'loss', examples)
+  comparisons = []
+  for m in sizes:
+    if m == largest:
+      continue
+    other = _runs(by_model[m], 'pretrain_examples', 'loss', examples)
+    comparisons.append(_compare(other, big, stat, {
+        'smaller': m, 'difference': f'loss({m}) - loss({largest})',
+        'loss_largest': float(np.mean([stat(r) for r in big])),
+        'loss_smaller': float(np.mean([stat(r) for r in other]))}))
+  return _decide(key, comparisons, {'largest': largest, 'total_params': dict(sizes)},
+                 lambda c: f'loss({c["smaller"]}) - loss({largest}) = {_iv_text(c)}',
+                 f'final pretraining checkpoints of {len(sizes)} sizes on the same '
+                 f'validation sequences')
+
+
+def interval_bigger_more_robust(results: Sequence[Row], examples: Examples
+                                ) -> dict[str, Any]:
+  """Claim 2 by intervals: at the harshest pruning sparsity and the lowest bit width that
+  every size has (as in the strict rule), per comparison drop(smaller) - drop(largest),
+  wanted > 0, where a drop is dense minus compressed quality on the same examples (a
+  difference of differences, paired over examples, hierarchical over seeds)."""
+  key = CLAIM_KEYS[1]
+  strict = claim_bigger_more_robust(aggregate_seeds(results))
+  if strict['held'] is None and 'prune' not in strict['evidence']:
+    return {**strict, 'verdict': 'undecided', 'rules': 'interval', 'margin': None,
+            'interval': None}  # a baseline or missing-cell reason: no comparison exists
+  sizes = model_sizes(results)
+  largest = _largest(sizes)
+  sums = METRIC_SUMS[metric_name_key(results)]
+  sign = 1.0 if all(higher_is_better(r) for r in results) else -1.0
+
+  def cell_runs(m, method, setting):
+    rows = [r for r in results if r['model'] == m and r['method'] == method
+            and (setting is None or _setting(r, method) == setting)]
+    return _runs(rows, 'examples', sums, examples)
+
+  comparisons = []
+  for method in ('prune', 'quantize'):
+    sub = strict['evidence'][method]
+    if sub['held'] is None:
+      continue
+    setting = sub['sparsity' if method == 'prune' else 'bits']
+
+    def paired(m):  # each seed's dense and compressed rows side by side
+      return [np.concatenate([d, c], axis=1) for d, c in
+              zip(cell_runs(m, 'dense', None), cell_runs(m, method, setting))]
+    big = paired(largest)
+    for m in sub['models']:
+      if m != largest:
+        comparisons.append(_compare(paired(m), big, drop_statistic(sign), {
+            'method': method, 'setting': setting, 'smaller': m,
+            'difference': f'drop({m}) - drop({largest})'}))
+  label = lambda c: (f'{percent(c["setting"])} sparsity' if c['method'] == 'prune'
+                     else f'{c["setting"]} bits')
+  return _decide(key, comparisons, {'largest': largest, 'metric': metric_name(results)},
+                 lambda c: f'at {label(c)}, drop({c["smaller"]}) - drop({largest}) = '
+                           f'{_iv_text(c)}',
+                 f'{metric_name(results)} drops from dense, paired over examples')
+
+
+def interval_compressed_big_beats_small(results: Sequence[Row], examples: Examples
+                                        ) -> dict[str, Any]:
+  """Claim 3 by intervals: at each budget of the strict rule (a smaller model's light cell's
+  stored size), the best largest-model cell within it (by the mean over seeds) against the
+  best smaller-model cell within it; quality(largest cell) - quality(best smaller cell),
+  wanted > 0. (Picking the best cells first favours neither side: both are picked alike.)"""
+  key = CLAIM_KEYS[2]
+  agg = aggregate_seeds(results)
+  strict = claim_compressed_big_beats_small(agg)
+  if strict['held'] is None:
+    return {**strict, 'verdict': 'undecided', 'rules': 'interval', 'margin': None,
+            'interval': None}
+  sums = METRIC_SUMS[metric_name_key(results)]
+  sign = 1.0 if all(higher_is_better(r) for r in results) else -1.0
+  stat = (ratio_statistic if sign > 0 else lambda rows: -ratio_statistic(rows))
+  by_cell = {r['cell']: r for r in agg}
+  largest = strict['evidence']['largest']
+  comparisons = []
+  for c in strict['evidence']['comparisons']:
+    big = _runs(by_cell[c['largest_cell']]['seed_rows'], 'examples', sums, examples)
+    rival = _runs(by_cell[c['best_smaller_cell']]['seed_rows'], 'examples', sums, examples)
+    comparisons.append(_compare(big, rival, stat, {
+        'budget_mb': c['budget_mb'], 'largest_cell': c['largest_cell'],
+        'largest_label': c['largest_label'], 'best_smaller_cell': c['best_smaller_cell'],
+        'best_smaller_label': c['best_smaller_label'],
+        'largest_accuracy': c['largest_accuracy'],
+        'best_smaller_accuracy': c['best_smaller_accuracy']}))
+  return _decide(key, comparisons, {'largest': largest, 'metric': metric_name(results),
+                                    'not_comparable': strict['evidence']['not_comparable']},
+                 lambda c: f'at {c["budget_mb"]:.3g} MB, {largest} {c["largest_label"]} - '
+                           f'{c["best_smaller_cell"]} = {_iv_text(c)}',
+                 f'best cells within each stored-size budget, paired over examples')
+
+
+def metric_name_key(results: Iterable[Row]) -> str:
+  names = {r.get('metric_name', 'eval_accuracy') for r in results}
+  return names.pop() if len(names) == 1 else 'mixed'
+
+
+def budget_of(results: Iterable[Row]) -> dict[str, Any]:
+  """Which pretraining budget the sizes were given: kind ('time', 'flops', 'tokens'), value,
+  and what each size spent (steps, tokens, FLOPs, seconds; means over seeds)."""
+  results = list(results)
+  kinds = sorted({r.get('budget_kind', 'time') for r in results})
+  kind = kinds[0] if len(kinds) == 1 else 'mixed'
+  values = sorted({float(r.get('pretrain_budget', r['pretrain_budget_s'])) for r in results})
+  spent: dict[str, dict[str, float]] = {}
+  for m in model_sizes(results):
+    seeds = {r.get('seed', 0): r for r in results if r['model'] == m}.values()
+    spent[m] = {k: float(np.mean([r[f'pretrain_{k}'] for r in seeds]))
+                for k in ('steps', 'tokens', 'flops', 'wall_s')
+                if all(r.get(f'pretrain_{k}') is not None for r in seeds)}
+  unit = {'time': 's of training time', 'flops': 'training FLOPs', 'tokens': 'tokens'}
+  return {'kind': kind, 'value': values[0] if len(values) == 1 else values,
+          'unit': unit.get(kind, ''), 'spent': spent}
+
+
+RULES = ('interval', 'strict')
+
+
+def evaluate_claims(results: Sequence[Row], curves: Curves, *, rules: str = 'interval',
+                    examples: Examples | None = None) -> dict[str, dict[str, Any]]:
+  """Verdicts on the three claims, keyed by CLAIM_KEYS (see the module docstring).
+
+  `results` are the rows of results.jsonl (see `results.load_results`), `curves` the eval
+  curves of `results.load_curves`, `examples` reads a row's per-example file (relative path
+  -> {'loss', 'weight', 'correct'} or None; results.load_examples). Under rules='interval',
+  results without per-example data (older sweeps) are judged by the strict rules, and each
+  claim's `rules_note` says so. The output is plain JSON-serialisable data.
+  """
+  if rules not in RULES:
+    raise ValueError(f'rules={rules!r} is invalid; allowed: {", ".join(RULES)}.')
+  results = list(results)
+  note = None
+  if rules == 'interval':
+    if examples is None or any(not r.get('examples') or not r.get('pretrain_examples')
+                               for r in results):
+      note = ('strict rules: these results carry no per-example data (a sweep written before '
+              'it was kept), so no intervals can be computed.')
+    elif metric_name_key(results) not in METRIC_SUMS:
+      note = (f'strict rules: no interval for the metric {metric_name(results)!r} yet.')
+  if rules == 'strict' or note or len(model_sizes(results)) < 2:
+    verdicts = strict_claims(aggregate_seeds(results), curves)
+    for v in verdicts.values():
+      v.update(verdict={True: 'held', False: 'not held'}.get(v['held'], 'undecided'),
+               rules='strict', margin=None, interval=None)
+      if note:
+        v['rules_note'] = note
+  else:
+    verdicts = {
+        CLAIM_KEYS[0]: interval_bigger_lower_loss(results, examples),
+        CLAIM_KEYS[1]: interval_bigger_more_robust(results, examples),
+        CLAIM_KEYS[2]: interval_compressed_big_beats_small(results, examples),
+    }
+  if results:
+    budget = budget_of(results)
+    for v in verdicts.values():
+      v['budget'] = budget
+  return verdicts
+
+
+def cell_interval(rows: Sequence[Row], examples: Examples | None,
+                  n_resamples: int = 500) -> list[float] | None:
+  """A cell's metric with its bootstrap interval over examples and seeds, [low, high]: the
+  paired difference against a constant-zero model; None without per-example data."""
+  if examples is None or any(not r.get('examples') for r in rows):
+    return None
+  name = metric_name_key(rows)
+  if name not in METRIC_SUMS:
+    return None
+  try:
+    runs = _runs(rows, 'examples', METRIC_SUMS[name], examples)
+    zero = [np.stack([np.zeros(len(runs[0])), np.ones(len(runs[0]))], axis=1)]
+    iv = uncertainty.paired_difference(runs, zero, statistic=ratio_statistic,
+                                       n_resamples=n_resamples)
+  except uncertainty.UncertaintyError:
+    return None
+  return [iv.low, iv.high]

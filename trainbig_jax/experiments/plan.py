@@ -9,6 +9,12 @@ irreducible term,
 so the loss each size would reach at another training budget can be predicted. `recommend`
 picks the size with the lowest predicted loss and then, from the sweep's measured cells, the
 most accurate compression of that size that fits a serving budget.
+
+An extrapolation is only as good as the law behind it, so `backtest` checks the fits on data
+they did not see: each curve is fitted on its first half (in time) and asked for its loss at
+the end of the budget. The planner prints that error beside its recommendation, and says so
+when the error is as large as the predicted gap between the best two sizes (the choice could
+then go either way).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
-from trainbig_jax.experiments.claims import (best_within, cell_label, metric, metric_name,
-                                            model_sizes)
+from trainbig_jax.experiments.claims import (best_within, cell_label, loss_at, metric,
+                                            metric_name, model_sizes)
 
 Row = Mapping[str, Any]
 Curves = Mapping[str, Mapping[str, Sequence[float]]]
@@ -30,6 +36,8 @@ Curves = Mapping[str, Mapping[str, Sequence[float]]]
 # Above this ratio of requested budget to observed time a prediction is an extrapolation far
 # beyond the data, and the recommendation says so.
 EXTRAPOLATION_WARN = 2.0
+# The backtest fits on the evals at or before this fraction of each curve's final time.
+BACKTEST_FIT_FRACTION = 0.5
 _MAX_EXPONENT = 5.0  # wall-clock learning-curve exponents are well below 1; 5 only guards
 
 
@@ -130,6 +138,77 @@ def fit_learning_curves(curves: Curves) -> dict[str, PowerLawFit]:
   return fits
 
 
+def backtest_curve(wall_time_s: Sequence[float], eval_loss: Sequence[float], end_s: float,
+                   fit_fraction: float = BACKTEST_FIT_FRACTION) -> dict[str, Any]:
+  """Fits one curve on its evals at t <= fit_fraction * end_s and predicts the loss at end_s.
+
+  Returns {'fit_until_s', 'fit_points', 'predicted_loss', 'observed_loss', 'observed_time_s',
+  'error' (predicted - observed), 'relative_error'}; the observed loss is that of the last
+  eval at or before end_s (as claim 1 reads curves). Raises PlanError when fewer than 2 evals
+  at t > 0 lie in the fitted part, or none at or before end_s.
+  """
+  fit_until = fit_fraction * end_s
+  head = [(t, y) for t, y in zip(wall_time_s, eval_loss) if t <= fit_until]
+  fit = fit_learning_curve([t for t, _ in head], [y for _, y in head])
+  observed = loss_at({'step': list(range(len(wall_time_s))), 'wall_time_s': wall_time_s,
+                      'eval_loss': eval_loss}, end_s)
+  if observed is None:
+    raise PlanError(f'no eval at or before {end_s:g} s to check the backtest against.')
+  predicted = float(fit.predict(end_s))
+  return {'fit_until_s': fit_until, 'fit_points': fit.n_points, 'predicted_loss': predicted,
+          'observed_loss': observed[0], 'observed_time_s': observed[1],
+          'error': predicted - observed[0], 'relative_error': (predicted - observed[0]) /
+          observed[0]}
+
+
+def backtest(curves: Curves, fit_fraction: float = BACKTEST_FIT_FRACTION) -> dict[str, Any]:
+  """How well the planner's fits would have predicted the sweep's own end, per size.
+
+  The end time T is the earliest final eval among the curves (every size was still training
+  there, as in claim 1). Each curve is fitted on its evals up to fit_fraction * T and
+  predicts its loss at T. Returns {'end_s', 'models': {model: backtest_curve(...)},
+  'max_abs_error', 'predicted_best', 'observed_best', 'recommendation_held'}: whether the
+  size the half-data fits would have recommended for T is the size that was lowest at T.
+  Sizes with too few evals in the fitted part are listed under 'skipped'. Raises PlanError
+  when fewer than 2 sizes can be backtested.
+  """
+  usable = {m: c for m, c in curves.items() if len(c.get('wall_time_s', [])) > 0}
+  if len(usable) < 2:
+    raise PlanError(f'a backtest needs curves of at least 2 sizes; have {len(usable)}.')
+  end_s = min(max(c['wall_time_s']) for c in usable.values())
+  models, skipped = {}, []
+  for model, curve in usable.items():
+    try:
+      models[model] = backtest_curve(curve['wall_time_s'], curve['eval_loss'], end_s,
+                                     fit_fraction)
+    except PlanError:
+      skipped.append(model)
+  if len(models) < 2:
+    raise PlanError(f'a backtest needs at least 2 evals in the first {fit_fraction:g} of the '
+                    f'time for 2 sizes; only {", ".join(models) or "none"} have them.')
+  predicted_best = min(models, key=lambda m: models[m]['predicted_loss'])
+  observed_best = min(models, key=lambda m: models[m]['observed_loss'])
+  return {'end_s': end_s, 'fit_fraction': fit_fraction, 'models': models, 'skipped': skipped,
+          'max_abs_error': max(abs(b['error']) for b in models.values()),
+          'predicted_best': predicted_best, 'observed_best': observed_best,
+          'recommendation_held': predicted_best == observed_best}
+
+
+def _backtest_warnings(check: dict[str, Any], predicted: Mapping[str, float]) -> list[str]:
+  """Why the recommendation should not be trusted, judged by the backtest (or [])."""
+  warn = []
+  if not check['recommendation_held']:
+    warn.append(f'backtest: fitted on the first {check["fit_fraction"]:g} of each curve, the '
+                f'planner would have chosen {check["predicted_best"]} for '
+                f'{check["end_s"]:.4g} s, but {check["observed_best"]} was lowest there.')
+  ranked = sorted(predicted.values())
+  if len(ranked) >= 2 and check['max_abs_error'] >= ranked[1] - ranked[0]:
+    warn.append(f'backtest error up to {check["max_abs_error"]:.3g} in loss is at least the '
+                f'predicted gap between the best two sizes ({ranked[1] - ranked[0]:.3g}): the '
+                f'choice of size is too uncertain to trust.')
+  return warn
+
+
 def _describe(r: Row) -> dict[str, Any]:
   return {'model': r['model'], 'cell': r['cell'], 'method': r['method'],
           'label': cell_label(r), 'sparsity': r['sparsity'], 'bits': r['bits'],
@@ -156,7 +235,8 @@ def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
   Returns {'train_budget_s', 'serve_budget_mb', 'predicted_loss': {model: loss},
   'fits': {model: fit fields}, 'size', 'compression' (cell description or None if no cell
   of that size fits), 'accuracy', 'best_within_budget' (cell description),
-  'extrapolation', 'warnings': [str]}.
+  'extrapolation', 'backtest' (see `backtest`, or None when the curves are too short),
+  'warnings': [str]}.
   Raises PlanError for budgets <= 0, when no size has both a fit and cells, or when no cell
   of any size fits the serving budget (naming the smallest available size in MB).
   """
@@ -191,6 +271,13 @@ def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
     warn.append(f'the training budget is {extrapolation:.1f}x the longest observed time of '
                 f'{size} ({fits[size].t_max_s:.4g} s): the loss prediction extrapolates far '
                 f'beyond the data.')
+  try:
+    check = backtest({m: curves[m] for m in predicted})
+  except PlanError as e:
+    check = None
+    warn.append(f'no backtest: {e}')
+  if check is not None:
+    warn += _backtest_warnings(check, predicted)
   chosen = best_within([r for r in results if r['model'] == size], budget_bytes)
   if chosen is None:
     own_min = min(r['stored_bytes'] for r in results if r['model'] == size) / 1e6
@@ -206,6 +293,7 @@ def recommend(results: Sequence[Row], curves: Curves, train_budget_s: float,
       'accuracy': metric(chosen) if chosen else None,
       'best_within_budget': _describe(best_any),
       'extrapolation': extrapolation,
+      'backtest': check,
       'warnings': warn,
   }
 
@@ -214,9 +302,19 @@ def format_recommendation(advice: dict[str, Any]) -> str:
   """The recommendation as a few lines for the terminal."""
   lines = [f'Training budget {advice["train_budget_s"]:g} s, serving budget '
            f'{advice["serve_budget_mb"]:g} MB.', 'Predicted validation MLM loss at that budget:']
+  check = advice.get('backtest')
   for model, loss in sorted(advice['predicted_loss'].items(), key=lambda kv: kv[1]):
     mark = '  <- train this' if model == advice['size'] else ''
-    lines.append(f'  {model:>12}: {loss:.4f}{mark}')
+    error = ''
+    if check is not None and model in check['models']:
+      error = f'  (backtest error {check["models"][model]["error"]:+.4f})'
+    lines.append(f'  {model:>12}: {loss:.4f}{error}{mark}')
+  if check is not None:
+    lines.append(f'Backtest: fitted on evals up to {check["end_s"] * check["fit_fraction"]:.4g} '
+                 f's, predicted the loss at {check["end_s"]:.4g} s within '
+                 f'{check["max_abs_error"]:.4f}; its choice there was '
+                 f'{"right" if check["recommendation_held"] else "wrong"} '
+                 f'({check["observed_best"]} was lowest).')
   lines.append(f'Extrapolation: {advice["extrapolation"]:.2f}x the longest time observed for '
                f'{advice["size"]}.')
   chosen = advice['compression']

@@ -19,6 +19,7 @@ never changes the pyplot backend of the calling program (a notebook keeps its ow
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -35,6 +36,9 @@ Row = Mapping[str, Any]
 Curves = Mapping[str, Mapping[str, Sequence[float]]]
 
 FIGURES = ('loss_vs_time.png', 'prune_accuracy.png', 'quant_accuracy.png', 'frontier.png')
+# Tokens of the embedded State of the Union corpus, an estimate (not a count): ~2.0 M words
+# at ~1.3 SentencePiece tokens per word. Only used to warn about repeated epochs.
+SOTU_TRAIN_TOKENS_ESTIMATE = 2.6e6
 WALL_CLOCK_NOTE = ('Wall-clock times count training steps only: evaluation and checkpointing '
                    'are excluded, so sizes are compared on the time spent learning.')
 
@@ -98,9 +102,15 @@ def _metric_plot(results: Sequence[Row], order: Sequence[str], path: Path,
   fig = Figure(figsize=(6.5, 4.5), layout='constrained')
   ax = fig.subplots()
   for m in models:
-    pts = sorted((x(r), claims_lib.metric(r), annotate(r)) for r in rows if r['model'] == m)
-    xs, ys, labels = zip(*pts)
+    pts = sorted((x(r), claims_lib.metric(r), annotate(r), r.get('metric_interval'))
+                 for r in rows if r['model'] == m)
+    xs, ys, labels, ivs = zip(*pts)
     ax.plot(xs, ys, marker='o', color=colors[m], label=m)
+    if all(iv is not None for iv in ivs):  # the cell's bootstrap interval as an error bar
+      ax.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, ivs)],
+                                [hi - y for y, (_, hi) in zip(ys, ivs)]],
+                  fmt='none', ecolor=colors[m], elinewidth=1, capsize=2)
+    pts = [p[:3] for p in pts]
     for xi, yi, lab in pts:
       ax.annotate(lab, (xi, yi), textcoords='offset points', xytext=(3, 3), fontsize=6,
                   color=colors[m])
@@ -151,6 +161,11 @@ def plot_frontier(results: Sequence[Row], order: Sequence[str], path: Path) -> P
   for r in frontier:
     ax.scatter([r['stored_bytes'] / 1e6], [claims_lib.metric(r)], s=60,
                color=colors[r['model']], edgecolors='black', zorder=3)
+    if r.get('metric_interval') is not None:  # bootstrap interval over examples and seeds
+      lo, hi = r['metric_interval']
+      y = claims_lib.metric(r)
+      ax.errorbar([r['stored_bytes'] / 1e6], [y], yerr=[[y - lo], [hi - y]], fmt='none',
+                  ecolor=colors[r['model']], elinewidth=1, capsize=3, zorder=2)
     ax.annotate(claims_lib.cell_label(r), (r['stored_bytes'] / 1e6, claims_lib.metric(r)),
                 textcoords='offset points', xytext=(4, -10), fontsize=6)
   ax.set_xscale('log')
@@ -169,17 +184,46 @@ def _held_text(held: bool | None) -> str:
   return {True: 'yes', False: 'no', None: 'n/a'}[held]
 
 
-def claims_table(claims: Mapping[str, Mapping[str, Any]], width: int = 100) -> str:
-  """A plain-text table of verdicts for the terminal: claim key | held | decisive numbers."""
+def verdict_text(c: Mapping[str, Any]) -> str:
+  """'held' / 'not held' / 'undecided' (claims from before verdicts existed: from `held`)."""
+  return c.get('verdict') or {True: 'held', False: 'not held', None: 'undecided'}[c['held']]
+
+
+def margin_text(c: Mapping[str, Any]) -> str:
+  """'+0.0123 [-0.004, +0.029]': the decisive comparison's margin and interval, or '-'."""
+  if c.get('interval') is None or c.get('margin') is None:
+    return '-'
+  lo, hi = c['interval']
+  return f'{c["margin"]:+.4f} [{lo:+.4f}, {hi:+.4f}]'
+
+
+def budget_text(c: Mapping[str, Any]) -> str:
+  b = c.get('budget')
+  if not b:
+    return ''
+  value = b['value']
+  value = (f'{value:.3g}' if isinstance(value, float) else
+           ', '.join(f'{v:.3g}' for v in value))
+  return f'budget: {b["kind"]} ({value} {b["unit"]})'
+
+
+def claims_table(claims: Mapping[str, Mapping[str, Any]], width: int = 120) -> str:
+  """A plain-text table of verdicts for the terminal: claim key | verdict | margin [interval]
+  | decisive numbers (with the rules and the budget that decided it)."""
   key_w = max([len('claim')] + [len(k) for k in claims])
-  held_w = len('held')
-  text_w = max(width - key_w - held_w - 6, 30)
-  sep = f'{"-" * key_w}-+-{"-" * held_w}-+-{"-" * text_w}'
-  lines = [f'{"claim":<{key_w}} | {"held":<{held_w}} | decisive numbers', sep]
+  v_w = max(len('verdict'), *(len(verdict_text(c)) for c in claims.values()))
+  m_w = max(len('margin [interval]'), *(len(margin_text(c)) for c in claims.values()))
+  text_w = max(width - key_w - v_w - m_w - 9, 30)
+  sep = f'{"-" * key_w}-+-{"-" * v_w}-+-{"-" * m_w}-+-{"-" * text_w}'
+  lines = [f'{"claim":<{key_w}} | {"verdict":<{v_w}} | {"margin [interval]":<{m_w}} | '
+           f'decisive numbers', sep]
   for key, c in claims.items():
-    wrapped = textwrap.wrap(c['explanation'], text_w) or ['']
-    lines.append(f'{key:<{key_w}} | {_held_text(c["held"]):<{held_w}} | {wrapped[0]}')
-    lines += [f'{"":<{key_w}} | {"":<{held_w}} | {w}' for w in wrapped[1:]]
+    text = (f'[{c.get("rules", "strict")} rules; {budget_text(c)}] ' + c['explanation']
+            + (f' ({c["rules_note"]})' if c.get('rules_note') else ''))
+    wrapped = textwrap.wrap(text, text_w) or ['']
+    lines.append(f'{key:<{key_w}} | {verdict_text(c):<{v_w}} | {margin_text(c):<{m_w}} | '
+                 f'{wrapped[0]}')
+    lines += [f'{"":<{key_w}} | {"":<{v_w}} | {"":<{m_w}} | {w}' for w in wrapped[1:]]
   return '\n'.join(lines)
 
 
@@ -193,15 +237,42 @@ def _results_table(results: Sequence[Row], order: Sequence[str]) -> list[str]:
   rows = sorted(results, key=lambda r: (rank.get(r['model'], len(rank)),
                                         method_rank.get(r['method'], len(method_rank)),
                                         r['sparsity'], -r['bits']))
-  out = ['| model | params | steps | pretrain loss | method | sparsity | bits | MB | '
-         f'{claims_lib.metric_name(results)} |',
-         '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |']
+  name = claims_lib.metric_name(results)
+  out = ['| model | params | seeds | steps | pretrain loss | method | sparsity | bits | MB | '
+         f'{name} | sd over seeds | 95% interval |',
+         '| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |']
   for r in rows:
-    loss = r['pretrain_eval_loss']  # null when a run never reached an eval
-    out.append(f'| {_md(r["model"])} | {r["total_params"]:,} | {r["pretrain_steps"]} | '
-               f'{"-" if loss is None else format(loss, ".4f")} | {_md(r["method"])} | '
-               f'{claims_lib.percent(r["sparsity"])} | {r["bits"]} | '
-               f'{r["stored_bytes"] / 1e6:.3f} | {claims_lib.metric(r):.4f} |')
+    seeds = r.get('seed_rows', [r])
+    losses = [x['pretrain_eval_loss'] for x in seeds if x['pretrain_eval_loss'] is not None]
+    steps = sorted({x['pretrain_steps'] for x in seeds})
+    iv = r.get('metric_interval')
+    out.append(f'| {_md(r["model"])} | {r["total_params"]:,} | {len(seeds)} | '
+               f'{"/".join(map(str, steps))} | '
+               f'{"-" if not losses else format(sum(losses) / len(losses), ".4f")} | '
+               f'{_md(r["method"])} | {claims_lib.percent(r["sparsity"])} | {r["bits"]} | '
+               f'{r["stored_bytes"] / 1e6:.3f} | {claims_lib.metric(r):.4f} | '
+               f'{r.get("metric_std", 0.0):.4f} | '
+               f'{"-" if iv is None else f"[{iv[0]:.4f}, {iv[1]:.4f}]"} |')
+  return out
+
+
+def _budget_table(results: Sequence[Row], machine: Mapping[str, Any]) -> list[str]:
+  """What each size spent of its pretraining budget (means over seeds), and the machine."""
+  b = claims_lib.budget_of(results)
+  value = budget_text({'budget': b}).split('(', 1)[-1].rstrip(')')
+  out = [f'Pretraining budget: **{b["kind"]}**, {value}. '
+         'Steps, tokens and analytic FLOPs are the same on any machine; seconds are this '
+         'machine\'s.', '']
+  if machine:
+    out += [f'Machine: {machine.get("device_count")} x {machine.get("device_kind")} '
+            f'({machine.get("platform")}), measured fp32 matmul rate '
+            f'{machine["matmul_flops_per_s"] / 1e9:.3g} GFLOP/s '
+            f'({machine.get("matmul_size")}^2), jax {machine.get("jax_version")}.', '']
+  out += ['| model | steps | tokens | FLOPs | seconds |', '| --- | ---: | ---: | ---: | ---: |']
+  for m, spent in b['spent'].items():
+    cells = [f'{spent[k]:,.0f}' if k in spent else '-' for k in ('steps', 'tokens')]
+    cells += [f'{spent[k]:.3g}' if k in spent else '-' for k in ('flops', 'wall_s')]
+    out.append(f'| {_md(m)} | ' + ' | '.join(cells) + ' |')
   return out
 
 
@@ -221,7 +292,26 @@ def _fits_table(curves: Curves, order: Sequence[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- report
 
-def write_report(sweep_dir: str | Path) -> Path:
+def _corpus_note(results: Sequence[Row], config: Mapping[str, Any]) -> list[str]:
+  """Says when pretraining repeated the embedded corpus many times over."""
+  tokens = max((r.get('pretrain_tokens') or 0.0) for r in results)
+  dataset = ((config.get('pretrain_overrides') or {}).get('data') or {}).get(
+      'dataset', 'trainbig_sotu')
+  if dataset != 'trainbig_sotu' or not tokens:
+    return []
+  epochs = tokens / SOTU_TRAIN_TOKENS_ESTIMATE
+  if epochs < 2:
+    return []
+  return [f'- Pretraining saw up to {tokens:,.0f} tokens, about {epochs:.0f} passes over the '
+          f'embedded State of the Union corpus (~{SOTU_TRAIN_TOKENS_ESTIMATE / 1e6:.1f} M '
+          f'tokens, estimated): repeated epochs, so losses partly measure memorisation. '
+          f'A larger corpus '
+          f'(e.g. `--config.pretrain_overrides.data.dataset=wikipedia/20230601.en` prepared '
+          f'as array_record, or a Debian documentation corpus; see DESIGN.md) fits this '
+          f'scale better.']
+
+
+def write_report(sweep_dir: str | Path, rules: str = 'interval') -> Path:
   """Writes report.md, claims.json and the figures into `sweep_dir`; returns report.md's path.
 
   Everything is recomputed from the sweep's files, so rerunning after more cells finish (or
@@ -238,9 +328,16 @@ def write_report(sweep_dir: str | Path) -> Path:
         f'{sweep_dir} has neither {results_lib.RESULTS_FILE} nor runs/*/pretrain/metrics.jsonl;'
         f' run `trainbig sweep --workdir={sweep_dir}` first.')
   config = results_lib.load_sweep_config(sweep_dir)
-  verdicts = claims_lib.evaluate_claims(results, curves)
-  (sweep_dir / 'claims.json').write_text(json.dumps(verdicts, indent=2) + '\n',
-                                         encoding='utf-8')
+  examples = lambda relative: results_lib.load_examples(sweep_dir, relative)
+  verdicts = claims_lib.evaluate_claims(results, curves, rules=rules, examples=examples)
+  # Figures and tables show each cell once: the mean over seeds with its interval.
+  raw_results, results = results, claims_lib.aggregate_seeds(results)
+  for r in results:
+    r['metric_interval'] = claims_lib.cell_interval(r['seed_rows'], examples)
+  text = json.dumps(verdicts, indent=2) + '\n'
+  tmp = sweep_dir / 'claims.json.tmp'
+  tmp.write_text(text, encoding='utf-8')
+  os.replace(tmp, sweep_dir / 'claims.json')
 
   order = _model_order(results, curves)
   common_t = verdicts[claims_lib.CLAIM_KEYS[0]]['evidence'].get('time_s')
@@ -262,14 +359,26 @@ def write_report(sweep_dir: str | Path) -> Path:
         f'Sweep directory: `{sweep_dir}`. {len(order)} model size(s), {len(results)} '
         f'evaluated cell(s).', '',
         '## Claims (Li et al., ICML 2020)', '',
-        '| claim | held | decisive numbers |', '| --- | --- | --- |']
+        '| claim | verdict | margin [95% interval] | rules, budget | decisive numbers |',
+        '| --- | --- | --- | --- | --- |']
   for key, c in verdicts.items():
-    md.append(f'| **{key}**: {_md(c["claim"])} | {_held_text(c["held"])} | '
-              f'{_md(c["explanation"])} |')
-  md += ['', 'Definitions are in `trainbig_jax/experiments/claims.py`; the numbers behind '
-         'each verdict are in `claims.json`.', '']
+    md.append(f'| **{key}**: {_md(c["claim"])} | {verdict_text(c)} | {margin_text(c)} | '
+              f'{c.get("rules", "strict")}; {_md(budget_text(c))} | {_md(c["explanation"])}'
+              + (f' *({_md(c["rules_note"])})*' if c.get('rules_note') else '') + ' |')
+  md += ['', 'A verdict is *held* when the whole interval of the decisive comparison lies on '
+         'the claim\'s side of zero, *not held* when it lies on the other side, *undecided* '
+         'when it includes zero (paired bootstrap over the same evaluation examples, '
+         'hierarchical over seeds). Definitions are in `trainbig_jax/experiments/claims.py`; '
+         'every comparison behind each verdict is in `claims.json`.', '']
+  if raw_results:
+    md += ['## Budget', ''] + _budget_table(raw_results, results_lib.load_machine(sweep_dir))
+    md += [''] + _corpus_note(raw_results, config) + ['']
 
   md += ['## Figures', '']
+  if any(r.get('metric_interval') for r in results):
+    name = claims_lib.metric_name(results)
+    md += [f'Error bars: each cell\'s 95% bootstrap interval of its {name} '
+           '(over evaluation examples, and over seeds when there are several).', '']
   metric = claims_lib.metric_name(results)  # the task's primary metric
   captions = {
       'loss_vs_time.png': 'Validation MLM loss vs wall-clock time and vs steps',

@@ -16,9 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trainbig_jax import files
 
 RESULTS_FILE = 'results.jsonl'
+EXAMPLES_DIR = 'examples'  # per-example evaluation sums, one .npz per cell (sweep.py)
+MACHINE_FILE = 'machine.json'  # the sweep machine's measured matmul rate
 SWEEP_CONFIG_FILE = 'sweep.json'
 
 # Keys every results.jsonl line must have: the claims and the report read all of them.
@@ -121,6 +125,29 @@ def load_curves(sweep_dir: str | Path) -> dict[str, dict[str, list[float]]]:
         'eval_loss': [by_step[s][1] for s in steps],
     }
   return curves
+
+
+def load_examples(sweep_dir: str | Path, relative: str | None) -> dict[str, Any] | None:
+  """A cell's per-example sums {'loss', 'weight', 'correct'} (arrays), or None when the row
+  names no file (sweeps written before per-example data were kept)."""
+  if not relative:
+    return None
+  path = Path(sweep_dir) / relative
+  try:
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError) as e:
+    raise ResultsError(f'{path}: per-example file named in {RESULTS_FILE} cannot be read '
+                       f'({e}).') from None
+
+
+def load_machine(sweep_dir: str | Path) -> dict[str, Any]:
+  """machine.json of a sweep (its measured matmul rate), or {} when absent."""
+  path = Path(sweep_dir) / MACHINE_FILE
+  try:
+    return json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, json.JSONDecodeError):
+    return {}
 
 
 def load_sweep_config(sweep_dir: str | Path) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""`trainbig sweep`: every model size under one wall-clock budget, fine-tuned, compressed, evaluated.
+"""`trainbig sweep`: every model size under one budget, fine-tuned, compressed, evaluated.
+
+The budget is training wall-clock seconds (`budget='time'`, the paper's measure), analytic
+training FLOPs (`'flops'`) or tokens (`'tokens'`); the last two are the same on every machine.
+With `seeds=N` every cell is run N times (seed k: initialisation, data order and masking).
 
 Layout of a sweep folder DIR:
   sweep.json                    the sweep config (a rerun must use the same one)
@@ -6,16 +10,25 @@ Layout of a sweep folder DIR:
   runs/<size>/pretrain/         a pretraining run (metrics.jsonl, checkpoints, ...)
   runs/<size>/finetune/         its fine-tuning run
   runs/<size>/compressed/<cell> compressed checkpoints
-  results.jsonl                 one line per evaluated cell (see experiments/results.py)
+  runs/<size>/seed<k>/...       the same for seed k >= 1 (seed 0 keeps the folders above)
+  machine.json                  this machine's measured matmul rate (measured once per sweep)
+  examples/<cell id>.npz        per-example evaluation sums of a cell ('loss', 'weight',
+                                'correct' arrays over the same validation examples in the
+                                same order for every cell); examples/<size>[/seed<k>]/
+                                pretrain.npz the same for the final pretraining checkpoint
+  results.jsonl                 one line per evaluated cell (see experiments/results.py);
+                                `examples` and `pretrain_examples` name its .npz files
 Every stage is resumable: finished runs carry a summary.json, finished cells a line in
 results.jsonl, and a rerun after an interruption does only what is missing.
 In a multi-process job every process trains and evaluates; process 0 alone writes the shared
 files (sweep.json, the tokenizer, summaries, compressed checkpoints, results rows) and the
-others wait for it where they then read them.
+others wait for it where they then read them. A .npz file is
+written (atomically) before the results line that names it, so no line names a missing file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +37,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from trainbig_jax import files
 from trainbig_jax.compress import quantize
@@ -34,13 +48,20 @@ from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.data import classification
 from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
-from trainbig_jax.experiments.results import RESULTS_FILE, load_results
+from trainbig_jax.experiments.results import (EXAMPLES_DIR, MACHINE_FILE, RESULTS_FILE,
+                                              load_results)
+from trainbig_jax.models.encoder import DTYPES
+from trainbig_jax.tasks import mlm as mlm_task
 from trainbig_jax.tasks.classify import finetune
 from trainbig_jax.tasks.mlm import pretrain
 from trainbig_jax.train import distributed, runlock
+from trainbig_jax.train.flops import matmul_flops_per_s
 
 SWEEP_FILE = 'sweep.json'
 SUMMARY_FILE = 'summary.json'
+BUDGET_KINDS = ('time', 'flops', 'tokens')
+# Evaluations over a pretraining budget (evenly spaced in time, FLOPs or tokens).
+EVALS_PER_BUDGET = 12
 
 
 class SweepError(ValueError):
@@ -61,24 +82,57 @@ def _override(config: ml_collections.ConfigDict, overrides: dict[str, Any], wher
       config[key] = value
 
 
+def budget_value(sweep: ml_collections.ConfigDict) -> float:
+  """The pretraining budget in its own unit: seconds, FLOPs or tokens."""
+  return float({'time': sweep.pretrain_budget_s, 'flops': sweep.pretrain_budget_flops,
+                'tokens': sweep.pretrain_budget_tokens}[sweep.budget])
+
+
+def run_dir_of(workdir: Path, name: str, seed: int) -> Path:
+  return workdir / 'runs' / name / (f'seed{seed}' if seed else '')
+
+
+def cell_id_of(name: str, seed: int, cell: str) -> str:
+  return f'{name}/seed{seed}/{cell}' if seed else f'{name}/{cell}'
+
+
 def pretrain_config(sweep: ml_collections.ConfigDict, layers: int, hidden: int,
-                    tokenizer_path: str) -> ml_collections.ConfigDict:
+                    tokenizer_path: str, seed: int = 0, tokenizer=None
+                    ) -> ml_collections.ConfigDict:
+  """The pretraining config of one size and seed. A FLOP budget needs the `tokenizer` (the
+  model's vocabulary decides its FLOPs per step)."""
   c = pretrain_configs.get_config(sweep.pretrain_preset)
   _override(c, sweep.pretrain_overrides.to_dict(), 'pretrain_overrides')
   c.preset = size_name(layers, hidden)
   pretrain_configs.set_size(c, layers, hidden, heads=sweep.heads or None)
-  c.train.budget_s = float(sweep.pretrain_budget_s)
+  c.seed = c.seed + seed
   c.train.total_steps = sweep.pretrain_total_steps
-  # About 12 evaluations over the budget, evenly spaced in time whatever the model's speed.
-  c.train.eval_every_s = float(sweep.pretrain_budget_s) / 12
-  c.train.eval_every = 10 ** 9
   c.data.tokenizer_path = tokenizer_path
+  c.train.eval_every = 10 ** 9
+  if sweep.budget == 'time':
+    c.train.budget_s = float(sweep.pretrain_budget_s)
+    # Evaluations evenly spaced in time whatever the model's speed.
+    c.train.eval_every_s = float(sweep.pretrain_budget_s) / EVALS_PER_BUDGET
+    return c
+  c.train.budget_s = 0.0  # the FLOP or token count alone decides
+  c.train.eval_every_s = 0.0
+  if sweep.budget == 'flops':
+    c.train.budget_flops = float(sweep.pretrain_budget_flops)
+    per_step = (mlm_task.flops_per_step(mlm_task.build_model(c, tokenizer), c)
+                if tokenizer is not None else None)
+  else:
+    c.train.budget_tokens = float(sweep.pretrain_budget_tokens)
+    per_step = c.train.batch_size * c.data.seq_len  # an upper bound: packing pads little
+  if per_step:  # evaluations evenly spaced in steps, as many as under a time budget
+    c.train.eval_every = max(1, int(budget_value(sweep) / per_step) // EVALS_PER_BUDGET)
   return c
 
 
-def finetune_config(sweep: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def finetune_config(sweep: ml_collections.ConfigDict, seed: int = 0
+                    ) -> ml_collections.ConfigDict:
   c = finetune_configs.get_config(sweep.finetune_preset)
   _override(c, sweep.finetune_overrides.to_dict(), 'finetune_overrides')
+  c.seed = c.seed + seed
   return c
 
 
@@ -106,8 +160,16 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> None:
   for size in sweep.sizes:
     if len(size) != 2 or any(not isinstance(v, int) or v <= 0 for v in size):
       raise SweepError(f'sizes entry {size!r} is invalid: give (layers, hidden) positive ints.')
-  if sweep.pretrain_budget_s <= 0:
-    raise SweepError(f'pretrain_budget_s={sweep.pretrain_budget_s!r} must be > 0 seconds.')
+  if sweep.budget not in BUDGET_KINDS:
+    raise SweepError(f'budget={sweep.budget!r} is invalid; allowed: {", ".join(BUDGET_KINDS)}.')
+  field = {'time': 'pretrain_budget_s', 'flops': 'pretrain_budget_flops',
+           'tokens': 'pretrain_budget_tokens'}[sweep.budget]
+  value = sweep[field]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    unit = {'time': 'seconds', 'flops': 'FLOPs', 'tokens': 'tokens'}[sweep.budget]
+    raise SweepError(f'{field}={value!r} must be > 0 {unit} (budget={sweep.budget!r}).')
+  if isinstance(sweep.seeds, bool) or not isinstance(sweep.seeds, int) or sweep.seeds < 1:
+    raise SweepError(f'seeds={sweep.seeds!r} is invalid: a positive integer (runs per cell).')
   for s in list(sweep.sparsities) + [s for s, _ in sweep.prune_quantize]:
     if not 0.0 < s < 1.0:
       raise SweepError(f'sparsity {s!r} in the grid is invalid: allowed (0, 1).')
@@ -141,6 +203,36 @@ def _stage(run_dir: Path, train_fn: Callable[[], Any]) -> dict[str, Any]:
   return summary
 
 
+def _write_examples(workdir: Path, relative: str, values: dict[str, Any]) -> str:
+  """Writes per-example arrays to workdir/relative atomically (process 0); returns `relative`."""
+  if jax.process_index() == 0:
+    path = workdir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **values)
+    files.atomic_write(path, buffer.getvalue())
+  return relative
+
+
+def measure_machine(workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+  """This machine's sustained matmul rate, measured once per sweep (about a second) and kept
+  in machine.json, so FLOPs can be read as seconds on another machine."""
+  path = workdir / MACHINE_FILE
+  if path.exists():
+    return json.loads(path.read_text())
+  device = jax.devices()[0]
+  n = 512 if device.platform == 'cpu' else 4096
+  rate = matmul_flops_per_s(n, DTYPES['float32'], seconds=1.0)
+  machine = {'matmul_flops_per_s': rate, 'matmul_size': n, 'matmul_dtype': 'float32',
+             'device_kind': device.device_kind, 'platform': device.platform,
+             'device_count': jax.device_count(), 'jax_version': jax.__version__}
+  progress(f'matmul rate on {jax.device_count()} x {device.device_kind}: '
+           f'{rate / 1e9:.3g} GFLOP/s (fp32, {n}^2)')
+  if jax.process_index() == 0:
+    files.atomic_write(path, json.dumps(machine, indent=2))
+  return machine
+
+
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
   if jax.process_index() != 0:  # every process evaluated the cell; one row records it
     return
@@ -164,34 +256,43 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
   first = pretrain_config(sweep, *sweep.sizes[0], tokenizer_path=None)
   ft_task = finetune_config(sweep)
   task = classification.get_task(ft_task.task)
-  # Process 0 claims the folder, trains the shared tokenizer and reads the data first; the
-  # others then find what it wrote instead of racing it for the same files.
+  # Process 0 claims the folder, trains the shared tokenizer, reads the data and measures the
+  # machine first; the others then find what it wrote instead of racing it for the same files.
   with distributed.primary_first('trainbig:sweep_prepare'):
     _claim_folder(workdir, sweep)
     tokenizer = train_or_load_tokenizer(first.data, str(workdir))
     majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
                                                       ft_task.data_dir)
+    machine = measure_machine(workdir, progress)
   done = {row['cell'] for row in load_results(workdir)}
   cells = compression_cells(sweep)
-  for index, (layers, hidden) in enumerate(sweep.sizes, start=1):
+  budget = {'time': f'{sweep.pretrain_budget_s:.0f} s of training time',
+            'flops': f'{sweep.pretrain_budget_flops:.3g} training FLOPs',
+            'tokens': f'{sweep.pretrain_budget_tokens:.3g} tokens'}[sweep.budget]
+  runs = [(size, seed) for size in sweep.sizes for seed in range(sweep.seeds)]
+  for index, ((layers, hidden), seed) in enumerate(runs, start=1):
     name = size_name(layers, hidden)
-    run_dir = workdir / 'runs' / name
-    tag = f'[{index}/{len(sweep.sizes)}] {name}'
-    if all(f'{name}/{c["name"]}' in done for c in cells):
+    run_dir = run_dir_of(workdir, name, seed)
+    tag = f'[{index}/{len(runs)}] {name}' + (f' seed {seed}' if sweep.seeds > 1 else '')
+    if all(cell_id_of(name, seed, c['name']) in done for c in cells):
       progress(f'{tag}: all {len(cells)} cells done')
       continue
-    pre_config = pretrain_config(sweep, layers, hidden, tokenizer.path)
-    progress(f'{tag}: pretraining for {sweep.pretrain_budget_s:.0f} s of training time')
+    pre_config = pretrain_config(sweep, layers, hidden, tokenizer.path, seed, tokenizer)
+    progress(f'{tag}: pretraining for {budget}')
     pre = _stage(run_dir / 'pretrain', lambda: pretrain(pre_config, run_dir / 'pretrain'))
     progress(f'{tag}: pretrained {pre["step"]} steps, eval_loss {pre["eval_loss"]:.3f}; '
              f'fine-tuning')
+    pre_examples = f'{EXAMPLES_DIR}/{cell_id_of(name, seed, "pretrain")}.npz'
+    if not (workdir / pre_examples).exists():  # the final checkpoint's per-sequence losses
+      _write_examples(workdir, pre_examples,
+                      evaluate_checkpoint(run_dir / 'pretrain', per_example=True)['per_example'])
     ft = _stage(run_dir / 'finetune',
-                lambda: finetune(finetune_config(sweep), run_dir / 'pretrain',
+                lambda: finetune(finetune_config(sweep, seed), run_dir / 'pretrain',
                                  run_dir / 'finetune'))
     progress(f'{tag}: fine-tuned {ft["step"]} steps, accuracy {ft["eval_accuracy"]:.3f}; '
              f'evaluating {len(cells)} compression cells')
     for cell in cells:
-      cell_id = f'{name}/{cell["name"]}'
+      cell_id = cell_id_of(name, seed, cell['name'])
       if cell_id in done:
         continue
       if cell['method'] == 'dense':
@@ -201,13 +302,20 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
         with distributed.primary_first(f'trainbig:sweep_compress:{cell_id}'):
           if not target.exists():  # compress_checkpoint is atomic: an existing folder is whole
             compress_checkpoint(run_dir / 'finetune', cell['config'], target)
-      result = evaluate_checkpoint(target)
+      result = evaluate_checkpoint(target, per_example=True)
+      examples = _write_examples(workdir, f'{EXAMPLES_DIR}/{cell_id}.npz',
+                                 result.pop('per_example'))
       _append_result(workdir, {
-          'cell': cell_id, 'model': name, 'layers': layers, 'hidden': hidden,
+          'cell': cell_id, 'model': name, 'layers': layers, 'hidden': hidden, 'seed': seed,
           'total_params': result['total_params'],
+          'budget_kind': sweep.budget, 'pretrain_budget': budget_value(sweep),
           'pretrain_budget_s': float(sweep.pretrain_budget_s),
           'pretrain_steps': pre['step'], 'pretrain_wall_s': pre['wall_time_s'],
+          'pretrain_tokens': pre.get('tokens'), 'pretrain_flops': pre.get('flops'),
+          'pretrain_stopped_by': pre.get('stopped_by'),
+          'matmul_flops_per_s': machine['matmul_flops_per_s'],
           'pretrain_eval_loss': pre['eval_loss'],
+          'examples': examples, 'pretrain_examples': pre_examples,
           'method': cell['method'], 'sparsity': cell['sparsity'], 'bits': cell['bits'],
           'nonzero_params': result['nonzero_params'], 'stored_bytes': result['stored_bytes'],
           'dense_fp32_bytes': result['dense_fp32_bytes'],

@@ -17,7 +17,7 @@ from trainbig_jax.data import checks, mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from trainbig_jax.models.encoder import (ATTENTION, DTYPES, REMAT_POLICIES, Encoder,
                                          encoder_config)
-from trainbig_jax.train import checkpoint, distributed, loop
+from trainbig_jax.train import checkpoint, distributed, flops, loop
 from trainbig_jax.train.checks import ConfigError, check_train_config, require
 from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import Batch, SumsFn
@@ -134,6 +134,16 @@ def extra_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
   return None
 
 
+def flops_per_step(model: Encoder, config: ml_collections.ConfigDict) -> float:
+  """Analytic training FLOPs of one optimizer step (train/flops.analytic_flops): the whole
+  batch's positions pass through the encoder, the masked ones through the MLM head."""
+  params = nn.unbox(jax.eval_shape(init_params_fn(model, config), jax.random.key(0)))
+  d, batch = config.data, config.train.batch_size
+  return flops.analytic_flops(params, config.model.num_layers, config.model.hidden, d.seq_len,
+                              batch * d.seq_len,
+                              batch * mlm.max_predictions(d.seq_len, d.mask_rate))
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> loop.Summary:
   """Trains (or resumes) an MLM run in `workdir`; returns where it stopped."""
   check_config(config)
@@ -156,7 +166,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
       init_params=init_params_fn(model, config),
       train_iterator=mlm.pretrain_train_iterator(config, tokenizer, process_index=index,
                                                  process_count=count),
-      eval_batches=lambda: batches, tx=make_optimizer(config.train))
+      eval_batches=lambda: batches, tx=make_optimizer(config.train),
+      flops_per_step=flops_per_step(model, config))
   return loop.run(job)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 
@@ -24,6 +26,11 @@ def check_train_config(c: ml_collections.ConfigDict, num_devices: int) -> None:
     require(isinstance(t[name], int) and t[name] > 0,
             f'train.{name}={t[name]!r} is invalid: it must be a positive integer.')
   require(t.budget_s >= 0, f'train.budget_s={t.budget_s!r} is invalid: seconds >= 0 (0: none).')
+  for name in ('budget_flops', 'budget_tokens'):
+    value = t.get(name, 0.0)
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            and math.isfinite(value),
+            f'train.{name}={value!r} is invalid: a finite number >= 0 (0: none).')
   require(t.learning_rate > 0, f'train.learning_rate={t.learning_rate!r} must be > 0.')
   require(t.warmup_steps >= 0, f'train.warmup_steps={t.warmup_steps!r} must be >= 0.')
   skips = t.get('max_nonfinite_skips', 0)

@@ -1,8 +1,10 @@
 """The one train loop: every task (trainbig_jax/tasks) runs through `run`.
 
 It stops at `train.total_steps` or when the training clock reaches `train.budget_s`, whichever
-comes first (the paper compares model sizes at equal wall-clock). The clock counts only
-training steps (data loading included): compilation, evaluation and checkpointing are
+comes first (the paper compares model sizes at equal wall-clock); `train.budget_flops` and
+`train.budget_tokens` stop it, within one step, at a machine-independent budget instead (the
+FLOPs are the task's analytic count, carried in the checkpointed progress). The clock counts
+only training steps (data loading included): compilation, evaluation and checkpointing are
 excluded. SIGTERM (a preempted job) saves a checkpoint and returns cleanly; a rerun with the
 same workdir resumes at the same step and data position.
 
@@ -55,6 +57,9 @@ class Job:
   # Task metrics beyond the summed ones (e.g. BLEU from decoding): params -> {name: value},
   # called under the mesh after each evaluation and merged into its metrics.
   extra_metrics: Callable[[Any], dict[str, float]] | None = None
+  # Analytic training FLOPs of one optimizer step (train/flops.py); 0 when the task does not
+  # count them, which rules out train.budget_flops.
+  flops_per_step: float = 0.0
 
 
 @dataclasses.dataclass
@@ -66,6 +71,7 @@ class Summary:
   eval_accuracy: float | None
   stopped_by: str  # 'steps' | 'budget' | 'signal'
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last evaluation
+  flops: float = 0.0  # analytic training FLOPs (0 when the task does not count them)
 
 
 class NonFiniteError(ValueError):
@@ -167,11 +173,16 @@ def run(job: Job) -> Summary:
       job.init_params, job.tx, mesh, jax.random.key(config.seed))
 
   mngr = checkpoint.manager(workdir, keep=tc.keep_checkpoints)
-  progress = {'wall_time_s': 0.0, 'tokens': 0.0}
+  progress = {'wall_time_s': 0.0, 'tokens': 0.0, 'flops': 0.0}
+  budget_flops, budget_tokens = tc.get('budget_flops', 0.0), tc.get('budget_tokens', 0.0)
+  if budget_flops and not job.flops_per_step:
+    raise ValueError(f'train.budget_flops={budget_flops!r} needs a task that counts its '
+                     f'FLOPs (mlm); use train.budget_tokens or train.budget_s.')
   restored = checkpoint.restore(mngr, abstract_state(state_shardings, state))
   if restored is not None:
     state, data_state, progress = restored
     job.train_iterator.set_state(data_state)
+    progress.setdefault('flops', 0.0)  # checkpoints written before FLOPs were counted
     logging.info('Resumed from step %d of %s.', int(state.step), workdir)
   step = int(state.step)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
@@ -221,7 +232,9 @@ def run(job: Job) -> Summary:
     bar = _progress_bar(tc.total_steps, step)
     while step < tc.total_steps:
       over_budget, signalled = _agree_to_stop(
-          bool(tc.budget_s) and progress['wall_time_s'] >= tc.budget_s,
+          (bool(tc.budget_s) and progress['wall_time_s'] >= tc.budget_s)
+          or (bool(budget_flops) and progress['flops'] >= budget_flops)
+          or (bool(budget_tokens) and progress['tokens'] >= budget_tokens),
           stop.signal_name is not None)
       if over_budget:
         stopped_by = 'budget'
@@ -240,6 +253,7 @@ def run(job: Job) -> Summary:
       step += 1
       progress['wall_time_s'] += dt
       progress['tokens'] += float(metrics['tokens'])
+      progress['flops'] += job.flops_per_step
       if not metrics['finite']:
         _count_nonfinite(step, metrics, progress, tc.get('max_nonfinite_skips', 0),
                          mngr.latest_step())
@@ -250,7 +264,8 @@ def run(job: Job) -> Summary:
                       tok_s=f'{metrics["tokens"] / max(dt, 1e-9):,.0f}')
       if step % tc.log_every == 0 or step == tc.total_steps:
         writer.write({'step': step, 'wall_time_s': progress['wall_time_s'],
-                      'tokens': progress['tokens'], 'train_loss': metrics['train_loss'],
+                      'tokens': progress['tokens'], 'flops': progress['flops'],
+                      'train_loss': metrics['train_loss'],
                       'train_accuracy': metrics['train_accuracy'],
                       'grad_norm': metrics['grad_norm'],
                       'learning_rate': float(schedule_lr(step - 1)),
@@ -277,5 +292,6 @@ def run(job: Job) -> Summary:
   return Summary(step=step, wall_time_s=progress['wall_time_s'], tokens=progress['tokens'],
                  eval_loss=last_eval and last_eval.get('eval_loss'),
                  eval_accuracy=last_eval and last_eval.get('eval_accuracy'), stopped_by=stopped_by,
-                 metrics={k: v for k, v in (last_eval or {}).items() if k != 'step'})
+                 metrics={k: v for k, v in (last_eval or {}).items() if k != 'step'},
+                 flops=progress['flops'])
 

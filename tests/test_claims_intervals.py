@@ -1,0 +1,135 @@
+"""Claims by intervals: verdicts from constructed results with per-example data, seeds, the
+strict rules by name, and the fallback for results without per-example data."""
+
+import numpy as np
+import pytest
+
+from trainbig_jax.experiments.claims import CLAIM_KEYS, evaluate_claims
+from trainbig_jax.experiments.report import claims_table
+
+LOSS, ROBUST, EQUAL_SIZE = CLAIM_KEYS
+SMALL, BIG = 'L1_H32', 'L2_H64'
+N = 1500
+# Stored bytes per cell: the big model's int4 cell fits within the small model's dense size.
+BYTES = {SMALL: {'dense': 4000, 'prune50': 2600, 'int4': 500},
+         BIG: {'dense': 20000, 'prune50': 12000, 'int4': 2500}}
+
+
+def make_sweep(acc, loss, seeds=1, noise=0.0, shared=False):
+  """(rows, examples): acc[model][cell] accuracies, loss[model] mean MLM loss per token.
+
+  Every cell of a model thresholds the same uniform draw per example (plus per-seed noise in
+  the threshold), so its drops under compression are exact; models draw independently unless
+  `shared` (then differences between models are exact too). Seed k shifts a model's
+  thresholds by +-noise, in opposite directions for the two models."""
+  rows, examples = [], {}
+  for model, cells in acc.items():
+    for seed in range(seeds):
+      u = np.random.default_rng(0 if shared else 1000 * (model == BIG)).random(N)
+      shift = noise * (-1) ** seed * (1 if model == BIG else -1)
+      pre = f'examples/{model}/seed{seed}/pretrain.npz'
+      weight = np.full(N, 5.0)
+      seq = np.random.default_rng(1 + seed + 1000 * (model == BIG)).normal(0.0, 1.0, N)
+      examples[pre] = {'loss': weight * (loss[model] + seq), 'weight': weight,
+                       'correct': np.zeros(N)}
+      for cell, a in cells.items():
+        path = f'examples/{model}/seed{seed}/{cell}.npz'
+        correct = (u < a + shift).astype(float)
+        examples[path] = {'loss': 1.0 - correct, 'weight': np.ones(N), 'correct': correct}
+        method, sparsity, bits = {'dense': ('dense', 0.0, 32), 'prune50': ('prune', 0.5, 32),
+                                  'int4': ('quantize', 0.0, 4)}[cell]
+        rows.append({
+            'cell': f'{model}/seed{seed}/{cell}', 'model': model, 'seed': seed,
+            'layers': int(model[1]), 'hidden': int(model.split('H')[1]),
+            'total_params': 1000 if model == SMALL else 5000, 'budget_kind': 'flops',
+            'pretrain_budget': 1e9, 'pretrain_budget_s': 0.0, 'pretrain_steps': 10,
+            'pretrain_wall_s': 1.0, 'pretrain_tokens': 100.0, 'pretrain_flops': 1e9,
+            'pretrain_eval_loss': loss[model], 'method': method, 'sparsity': sparsity,
+            'bits': bits, 'nonzero_params': 1, 'stored_bytes': BYTES[model][cell],
+            'dense_fp32_bytes': 1, 'metric': float(correct.mean()),
+            'metric_name': 'eval_accuracy', 'higher_is_better': True,
+            'majority_accuracy': 0.5, 'examples': path, 'pretrain_examples': pre})
+  return rows, examples
+
+
+def clear(big_better: bool):
+  good = {'dense': 0.85, 'prune50': 0.84, 'int4': 0.83}
+  bad = {'dense': 0.75, 'prune50': 0.55, 'int4': 0.56}
+  acc = {BIG: good, SMALL: bad} if big_better else {BIG: bad, SMALL: good}
+  loss = {BIG: 3.0, SMALL: 3.5} if big_better else {BIG: 3.5, SMALL: 3.0}
+  return acc, loss
+
+
+def verdicts(rows, examples, **kw):
+  return evaluate_claims(rows, {}, examples=examples.get, **kw)
+
+
+def test_large_differences_hold():
+  v = verdicts(*make_sweep(*clear(big_better=True)))
+  for key in CLAIM_KEYS:
+    assert v[key]['rules'] == 'interval'
+    assert v[key]['verdict'] == 'held' and v[key]['held'] is True, (key, v[key])
+    lo, hi = v[key]['interval']
+    assert 0 < lo <= v[key]['margin'] <= hi
+  assert v[LOSS]['margin'] == pytest.approx(0.5, abs=0.1)
+  # Claim 2: drop(small) - drop(big) at 50% sparsity = 0.20 - 0.01, and at 4 bits 0.19 - 0.02.
+  assert v[ROBUST]['margin'] == pytest.approx(0.17, abs=0.03)
+  assert v[EQUAL_SIZE]['budget']['kind'] == 'flops'
+
+
+def test_reversed_differences_are_not_held():
+  v = verdicts(*make_sweep(*clear(big_better=False)))
+  for key in CLAIM_KEYS:
+    assert v[key]['verdict'] == 'not held', (key, v[key])
+    assert v[key]['interval'][1] < 0
+
+
+def test_differences_inside_the_noise_are_undecided():
+  acc = {BIG: {'dense': 0.700, 'prune50': 0.699, 'int4': 0.699},
+         SMALL: {'dense': 0.699, 'prune50': 0.698, 'int4': 0.698}}
+  v = verdicts(*make_sweep(acc, {BIG: 3.0, SMALL: 3.001}, seeds=2, noise=0.01, shared=True))
+  for key in CLAIM_KEYS:
+    assert v[key]['verdict'] == 'undecided', (key, v[key])
+    lo, hi = v[key]['interval']
+    assert lo < 0 < hi
+  # The strict rules, by name, decide the same data on points.
+  strict = verdicts(*make_sweep(acc, {BIG: 3.0, SMALL: 3.001}, seeds=2, noise=0.01,
+                               shared=True), rules='strict')
+  assert strict[LOSS]['rules'] == 'strict' and strict[EQUAL_SIZE]['interval'] is None
+  assert strict[EQUAL_SIZE]['verdict'] in ('held', 'not held')
+
+
+def test_seeds_widen_the_interval():
+  acc, loss = clear(big_better=True)
+  one = verdicts(*make_sweep(acc, loss, seeds=1))
+  many = verdicts(*make_sweep(acc, loss, seeds=3, noise=0.05))
+  width = lambda v: v[EQUAL_SIZE]['interval'][1] - v[EQUAL_SIZE]['interval'][0]
+  assert width(many) > 1.5 * width(one)
+  assert many[EQUAL_SIZE]['evidence']['comparisons'][0]['n_seeds'] == [3, 3]
+
+
+def test_results_without_per_example_data_fall_back_to_strict():
+  rows, examples = make_sweep(*clear(big_better=True))
+  old = [{k: v for k, v in r.items() if k not in ('examples', 'pretrain_examples')}
+         for r in rows]
+  v = verdicts(old, examples)
+  for key in (ROBUST, EQUAL_SIZE):
+    assert v[key]['rules'] == 'strict' and 'per-example' in v[key]['rules_note']
+    assert v[key]['verdict'] == 'held' and v[key]['interval'] is None
+  table = claims_table(v)
+  assert 'strict rules' in table and 'per-example' in table
+
+
+def test_table_prints_verdict_margin_and_interval():
+  v = verdicts(*make_sweep(*clear(big_better=False)))
+  table = claims_table(v)
+  for key in CLAIM_KEYS:
+    line = next(l for l in table.splitlines() if l.startswith(key))
+    assert 'not held' in line and f'{v[key]["margin"]:+.4f}' in line
+    assert f'{v[key]["interval"][0]:+.4f}' in line
+  assert 'budget: flops' in table
+
+
+def test_unknown_rules_is_one_line_error():
+  with pytest.raises(ValueError, match="rules='loose' is invalid; allowed: interval, strict"):
+    evaluate_claims([], {}, rules='loose')
