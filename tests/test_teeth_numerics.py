@@ -15,7 +15,7 @@ import torch
 from trainbig_jax.compress import quantize as quant
 from trainbig_jax.data import mlm
 from trainbig_jax.models.encoder import Encoder, EncoderConfig
-from trainbig_jax.train import steps
+from trainbig_jax.tasks.mlm import mlm_sums
 
 # ----------------------------------------------------------------------------- quantization
 
@@ -189,7 +189,7 @@ def test_logits_at_masked_positions_equal_gathering_full_logits():
   np.testing.assert_array_equal(picked_w.sum(-1), w.sum(-1))
   # The loss sums of the bounded and the full computation agree.
   rng = jax.random.key(1)
-  sums = lambda n: jax.jit(steps.mlm_sums(model, n), static_argnums=3)(params, batch, rng, False)
+  sums = lambda n: jax.jit(mlm_sums(model, n), static_argnums=3)(params, batch, rng, False)
   bounded, unbounded = sums(bound), sums(None)
   for k in ('loss', 'weight', 'correct', 'tokens'):
     np.testing.assert_allclose(float(bounded[k]), float(unbounded[k]), rtol=1e-5)

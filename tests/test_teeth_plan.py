@@ -78,7 +78,8 @@ def test_chosen_compression_is_the_most_accurate_cell_of_that_size_within_the_bu
   assert rec['compression'] == {
       'model': 'L', 'cell': best['cell'], 'method': best['method'],
       'label': 'quantize 2-bit', 'sparsity': best['sparsity'], 'bits': best['bits'],
-      'stored_mb': best['stored_bytes'] / 1e6, 'accuracy': best['accuracy']}
+      'stored_mb': best['stored_bytes'] / 1e6, 'accuracy': best['accuracy'],
+      'metric_name': 'accuracy'}
   assert rec['accuracy'] == best['accuracy']
   every = [r for r in rs if r['stored_bytes'] <= 0.3e6]
   assert rec['best_within_budget']['cell'] == max(
