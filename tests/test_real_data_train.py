@@ -172,6 +172,14 @@ def test_mnli_finetunes_from_prepared_glue(wiki_run, places):
   assert 'finetune: stopped by steps at step 3' in result.stdout
   for split in ('train', 'validation_matched', 'validation_mismatched'):
     assert f"data check: glue/mnli split '{split}'" in result.stderr
+  # Both validation sets are reported: matched as eval_accuracy, mismatched beside it, each
+  # over its own 12 examples (so accuracies are multiples of 1/12).
+  evals = [r for r in read_metrics(Path(places['runs/']) / 'mnli') if 'eval_loss' in r]
+  assert evals and all('eval_accuracy_validation_mismatched' in r for r in evals)
+  for r in evals:
+    for key in ('eval_accuracy', 'eval_accuracy_validation_mismatched'):
+      assert abs(r[key] * 12 - round(r[key] * 12)) < 1e-6
+    assert np.isfinite(r['eval_loss_validation_mismatched'])
 
 
 @pytest.fixture(scope='module')

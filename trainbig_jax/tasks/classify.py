@@ -36,7 +36,7 @@ from trainbig_jax.train import checkpoint, distributed, loop
 from trainbig_jax.train.best import BestCheckpoint
 from trainbig_jax.train.checks import ConfigError, check_train_config
 from trainbig_jax.train.state import make_optimizer
-from trainbig_jax.train.steps import Batch, SumsFn
+from trainbig_jax.train.steps import Batch, SumsFn, make_eval_step
 
 NAME = 'classify'
 PRIMARY_METRIC = 'eval_accuracy'
@@ -132,8 +132,25 @@ def count_examples(batch: Batch) -> int:
 
 
 def extra_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
-                     tokenizer: Tokenizer) -> None:
-  return None
+                     tokenizer: Tokenizer) -> Callable[[Any], dict[str, float]] | None:
+  """Loss and accuracy on the dataset's further validation splits (MNLI's mismatched one),
+  named `eval_loss_<split>` and `eval_accuracy_<split>`; None when it has only one."""
+  spec = classification.get_task(config.task, config.data_dir)
+  further = spec.eval_splits[1:]
+  if not further:
+    return None
+  step = jax.jit(make_eval_step(sums_fn(model, config)))
+  passes = {split: eval_batches(config, tokenizer, split) for split in further}
+
+  def metrics(params) -> dict[str, float]:
+    mesh = jax.tree.leaves(params)[0].sharding.mesh  # the mesh the params live on
+    out = {}
+    for split, batches in passes.items():
+      m = loop.evaluate(step, params, batches, mesh)
+      out[f'eval_loss_{split}'] = m['eval_loss']
+      out[f'eval_accuracy_{split}'] = m['eval_accuracy']
+    return out
+  return metrics
 
 
 def load_pretrained(init_checkpoint: str | os.PathLike):
