@@ -16,6 +16,8 @@ then compressed at every sparsity and bit width of the grids and evaluated.
 
 Presets:
   demo    3 sizes on the embedded corpora; about 9 minutes on 2 CPU cores.
+  translate_demo  2 translation sizes (encoder-decoders, En->Fr on the embedded corpus)
+          trained for the same time, compressed and decided on BLEU.
   tiny    2 sizes, seconds each; for tests.
   gpu     4 sizes from 6 x 256 to 12 x 768, seq 128, 50 s of pretraining each, fine-tuned
           and compressed: the study for one H100/H200 in under 10 minutes (estimated, not
@@ -34,6 +36,10 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c.preset = preset
   c.sizes = ((2, 64), (4, 128))
   c.heads = 0  # 0: hidden // 64 (at least 1)
+  # 'classify': MLM pretraining (configs/pretrain.py presets), then classification
+  # fine-tuning whose accuracy decides; 'translate': translation training (configs/translate.py
+  # presets), whose BLEU decides, with no fine-tuning stage.
+  c.task_kind = 'classify'
   c.pretrain_preset = 'demo'
   c.pretrain_budget_s = 60.0
   c.budget = 'time'  # 'time' | 'flops' | 'tokens': which pretraining budget stops each size
@@ -79,6 +85,23 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     # About 5 steps of the larger size, 28 of the smaller (--config.budget=flops).
     c.pretrain_budget_flops = 1.5e9
     c.pretrain_budget_tokens = 10_000.0
+  elif preset == 'translate_demo':
+    c.task_kind = 'translate'
+    c.sizes = ((1, 64), (2, 128))
+    c.pretrain_budget_s = 150.0
+    c.pretrain_overrides = ml_collections.ConfigDict({'data': {'eval_examples': 100}})
+    c.sparsities = (0.5, 0.9)
+    c.bits = (8, 4)
+  elif preset == 'translate_tiny':  # for tests
+    c.task_kind = 'translate'
+    c.sizes = ((1, 32), (1, 48))
+    c.pretrain_preset = 'tiny'
+    c.pretrain_budget_s = 3.0
+    c.pretrain_total_steps = 12
+    c.pretrain_overrides = ml_collections.ConfigDict({'data': {'eval_examples': 8}})
+    c.sparsities = (0.5,)
+    c.bits = (8,)
+    c.prune_quantize = ()
   elif preset == 'gpu':
     # One H100/H200, under 10 minutes in all (an estimate; not yet run on a GPU): 4 sizes x
     # (50 s pretraining + compilation + 600 fine-tuning steps + 8 evaluated cells).
@@ -107,6 +130,6 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.bits = compress.BITS_GRID
     c.prune_quantize = ((0.5, 8), (0.5, 4), (0.7, 4))
   else:
-    raise ValueError(f'Unknown sweep preset {preset!r}; allowed: demo, tiny, gpu, depth, '
-                     f'width.')
+    raise ValueError(f'Unknown sweep preset {preset!r}; allowed: demo, tiny, translate_demo, '
+                     f'translate_tiny, gpu, depth, width.')
   return c

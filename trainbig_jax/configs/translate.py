@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _size(c, layers, hidden, heads=None):
+def set_size(c, layers, hidden, heads=None):
+  """Encoder and decoder of `layers` layers each, `hidden` wide, MLP 4 x hidden."""
   c.model.num_encoder_layers = c.model.num_decoder_layers = layers
   c.model.hidden = hidden
   c.model.num_heads = heads or max(1, hidden // 64)
@@ -91,7 +92,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
   c = base_config()
   c.preset = preset
   if preset == 'tiny':
-    _size(c, 1, 32, heads=2)
+    set_size(c, 1, 32, heads=2)
     _lengths(c, 32, 64)
     c.data.vocab_size = 256
     c.data.tokenizer_max_chars = 200_000
@@ -109,7 +110,7 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     # A train step costs ~0.44 CPU-seconds (measured), so ~1,500 steps (about four epochs of
     # the corpus) are meant to fit the 420 s budget on 2 idle cores; on a loaded machine the
     # budget stops it earlier. Measured under load: eval_bleu 10.4 at step 600 (README).
-    _size(c, 2, 128, heads=4)
+    set_size(c, 2, 128, heads=4)
     _lengths(c, 48, 64)
     c.data.vocab_size = 2000
     c.data.tokenizer_max_chars = 5_000_000
@@ -125,13 +126,13 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.train.eval_every = 300
     c.train.checkpoint_every = 300
   elif preset.startswith('depth') and preset[5:].isdigit() and int(preset[5:]) in DEPTH_GRID:
-    _size(c, int(preset[5:]), 512)
+    set_size(c, int(preset[5:]), 512)
   elif preset.startswith('width') and preset[5:].isdigit() and int(preset[5:]) in WIDTH_GRID:
-    _size(c, WIDTH_GRID_LAYERS, int(preset[5:]))
+    set_size(c, WIDTH_GRID_LAYERS, int(preset[5:]))
   elif preset == 'transformer_base':
-    _size(c, 6, 512, heads=8)
+    set_size(c, 6, 512, heads=8)
   elif preset == 'transformer_big':
-    _size(c, 6, 1024, heads=16)
+    set_size(c, 6, 1024, heads=16)
     c.train.learning_rate = 5e-4
   else:
     raise ValueError(f'Unknown translate preset {preset!r}; allowed: {", ".join(PRESETS)}.')

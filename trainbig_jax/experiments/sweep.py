@@ -39,27 +39,31 @@ import jax
 import ml_collections
 import numpy as np
 
-from trainbig_jax import files
+from trainbig_jax import files, tasks
 from trainbig_jax.compress import quantize
 from trainbig_jax.compress.checkpoints import compress_checkpoint
 from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import finetune as finetune_configs
 from trainbig_jax.configs import pretrain as pretrain_configs
+from trainbig_jax.configs import translate as translate_configs
 from trainbig_jax.data import classification
 from trainbig_jax.data.tokenizer import train_or_load_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.results import (EXAMPLES_DIR, MACHINE_FILE, RESULTS_FILE,
                                               load_results)
 from trainbig_jax.models.encoder import DTYPES
+from trainbig_jax.models.layout import TOKEN_EMBEDDING
 from trainbig_jax.tasks import mlm as mlm_task
 from trainbig_jax.tasks.classify import finetune
-from trainbig_jax.tasks.mlm import pretrain
 from trainbig_jax.train import distributed, runlock
 from trainbig_jax.train.flops import matmul_flops_per_s
 
 SWEEP_FILE = 'sweep.json'
 SUMMARY_FILE = 'summary.json'
 BUDGET_KINDS = ('time', 'flops', 'tokens')
+# What a sweep's sizes are trained for: an encoder pretrained then fine-tuned to classify, or
+# an encoder-decoder trained to translate (its first stage is the whole training).
+SWEEP_TASKS = ('classify', 'translate')
 # Evaluations over a pretraining budget (evenly spaced in time, FLOPs or tokens).
 EVALS_PER_BUDGET = 12
 
@@ -101,10 +105,12 @@ def pretrain_config(sweep: ml_collections.ConfigDict, layers: int, hidden: int,
                     ) -> ml_collections.ConfigDict:
   """The pretraining config of one size and seed. A FLOP budget needs the `tokenizer` (the
   model's vocabulary decides its FLOPs per step)."""
-  c = pretrain_configs.get_config(sweep.pretrain_preset)
+  translating = _task_kind(sweep) == 'translate'
+  configs = translate_configs if translating else pretrain_configs
+  c = configs.get_config(sweep.pretrain_preset)
   _override(c, sweep.pretrain_overrides.to_dict(), 'pretrain_overrides')
   c.preset = size_name(layers, hidden)
-  pretrain_configs.set_size(c, layers, hidden, heads=sweep.heads or None)
+  configs.set_size(c, layers, hidden, heads=sweep.heads or None)
   c.seed = c.seed + seed
   c.train.total_steps = sweep.pretrain_total_steps
   c.data.tokenizer_path = tokenizer_path
@@ -128,6 +134,10 @@ def pretrain_config(sweep: ml_collections.ConfigDict, layers: int, hidden: int,
   return c
 
 
+def _task_kind(sweep: ml_collections.ConfigDict) -> str:
+  return sweep.get('task_kind', 'classify')
+
+
 def finetune_config(sweep: ml_collections.ConfigDict, seed: int = 0
                     ) -> ml_collections.ConfigDict:
   c = finetune_configs.get_config(sweep.finetune_preset)
@@ -142,7 +152,7 @@ def compression_cells(sweep: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     c = compress_configs.get_config(sweep.compress_preset)
     c.prune.sparsity, c.quant.bits = float(sparsity), int(bits)
     if sweep.quantize_embeddings:
-      c.quant.include = tuple(c.quant.include) + (r'embed/token/embedding$',)
+      c.quant.include = tuple(c.quant.include) + (TOKEN_EMBEDDING[_task_kind(sweep)],)
     name = {'dense': 'dense', 'prune': f'prune{round(sparsity * 100)}',
             'quantize': f'int{bits}',
             'prune_quantize': f'prune{round(sparsity * 100)}_int{bits}'}[method]
@@ -160,6 +170,12 @@ def check_sweep_config(sweep: ml_collections.ConfigDict) -> None:
   for size in sweep.sizes:
     if len(size) != 2 or any(not isinstance(v, int) or v <= 0 for v in size):
       raise SweepError(f'sizes entry {size!r} is invalid: give (layers, hidden) positive ints.')
+  if _task_kind(sweep) not in SWEEP_TASKS:
+    raise SweepError(f'task_kind={_task_kind(sweep)!r} is invalid; allowed: '
+                     f'{", ".join(SWEEP_TASKS)}.')
+  if _task_kind(sweep) == 'translate' and sweep.budget == 'flops':
+    raise SweepError("budget='flops' counts the encoder's analytic FLOPs; a translation sweep "
+                     "takes budget='time' or 'tokens'.")
   if sweep.budget not in BUDGET_KINDS:
     raise SweepError(f'budget={sweep.budget!r} is invalid; allowed: {", ".join(BUDGET_KINDS)}.')
   field = {'time': 'pretrain_budget_s', 'flops': 'pretrain_budget_flops',
@@ -254,15 +270,18 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
   check_sweep_config(sweep)
   workdir = Path(workdir).absolute()
   first = pretrain_config(sweep, *sweep.sizes[0], tokenizer_path=None)
-  ft_task = finetune_config(sweep)
-  task = classification.get_task(ft_task.task)
+  translating = _task_kind(sweep) == 'translate'
+  train_task = tasks.task_of(first)
   # Process 0 claims the folder, trains the shared tokenizer, reads the data and measures the
   # machine first; the others then find what it wrote instead of racing it for the same files.
   with distributed.primary_first('trainbig:sweep_prepare'):
     _claim_folder(workdir, sweep)
     tokenizer = train_or_load_tokenizer(first.data, str(workdir))
-    majority = classification.majority_class_accuracy(ft_task.task, task.eval_splits[0],
-                                                      ft_task.data_dir)
+    majority = None  # a translation has no majority class
+    if not translating:
+      ft_task = finetune_config(sweep)
+      majority = classification.majority_class_accuracy(
+          ft_task.task, classification.get_task(ft_task.task).eval_splits[0], ft_task.data_dir)
     machine = measure_machine(workdir, progress)
   done = {row['cell'] for row in load_results(workdir)}
   cells = compression_cells(sweep)
@@ -278,30 +297,33 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
       progress(f'{tag}: all {len(cells)} cells done')
       continue
     pre_config = pretrain_config(sweep, layers, hidden, tokenizer.path, seed, tokenizer)
-    progress(f'{tag}: pretraining for {budget}')
-    pre = _stage(run_dir / 'pretrain', lambda: pretrain(pre_config, run_dir / 'pretrain'))
-    progress(f'{tag}: pretrained {pre["step"]} steps, eval_loss {pre["eval_loss"]:.3f}; '
-             f'fine-tuning')
+    progress(f'{tag}: {"training" if translating else "pretraining"} for {budget}')
+    pre = _stage(run_dir / 'pretrain',
+                 lambda: train_task.train(pre_config, run_dir / 'pretrain'))
+    progress(f'{tag}: {"trained" if translating else "pretrained"} {pre["step"]} steps, '
+             f'eval_loss {pre["eval_loss"]:.3f}' + ('' if translating else '; fine-tuning'))
     pre_examples = f'{EXAMPLES_DIR}/{cell_id_of(name, seed, "pretrain")}.npz'
     if not (workdir / pre_examples).exists():  # the final checkpoint's per-sequence losses
       _write_examples(workdir, pre_examples,
                       evaluate_checkpoint(run_dir / 'pretrain', per_example=True)['per_example'])
-    ft = _stage(run_dir / 'finetune',
-                lambda: finetune(finetune_config(sweep, seed), run_dir / 'pretrain',
-                                 run_dir / 'finetune'))
-    progress(f'{tag}: fine-tuned {ft["step"]} steps, accuracy {ft["eval_accuracy"]:.3f}; '
-             f'evaluating {len(cells)} compression cells')
+    source = run_dir / 'pretrain'  # what the cells compress: the translation run itself, or
+    if not translating:            # the classifier fine-tuned from the pretrained encoder
+      source = run_dir / 'finetune'
+      ft = _stage(source, lambda: finetune(finetune_config(sweep, seed), run_dir / 'pretrain',
+                                           source))
+      progress(f'{tag}: fine-tuned {ft["step"]} steps, accuracy {ft["eval_accuracy"]:.3f}')
+    progress(f'{tag}: evaluating {len(cells)} compression cells')
     for cell in cells:
       cell_id = cell_id_of(name, seed, cell['name'])
       if cell_id in done:
         continue
       if cell['method'] == 'dense':
-        target = run_dir / 'finetune'
+        target = source
       else:
         target = run_dir / 'compressed' / cell['name']
         with distributed.primary_first(f'trainbig:sweep_compress:{cell_id}'):
           if not target.exists():  # compress_checkpoint is atomic: an existing folder is whole
-            compress_checkpoint(run_dir / 'finetune', cell['config'], target)
+            compress_checkpoint(source, cell['config'], target)
       result = evaluate_checkpoint(target, per_example=True)
       examples = _write_examples(workdir, f'{EXAMPLES_DIR}/{cell_id}.npz',
                                  result.pop('per_example'))

@@ -17,6 +17,10 @@ from typing import Any
 import jax
 
 LAYER_KERNELS: tuple[str, ...] = (r'layers_\d+/.*/kernel$',)
+# The token embedding (tied to the output projection) of each model family, by task: what a
+# sweep quantizes with the layer kernels when it quantizes embeddings.
+TOKEN_EMBEDDING = {'classify': r'embed/token/embedding$',
+                   'translate': r'shared_embedding/embedding$'}
 
 
 def path_str(key_path: Sequence[Any]) -> str:
