@@ -85,7 +85,7 @@ def size_config(size: str, args: argparse.Namespace):
   """A pretraining config for one size: 'LxH' (heads of 64, FFN 4x) or a preset name."""
   if 'x' in size and size.replace('x', '').isdigit():
     layers, hidden = (int(s) for s in size.split('x'))
-    c = pretrain_configs._size(pretrain_configs.base_config(), layers, hidden)
+    c = pretrain_configs.set_size(pretrain_configs.base_config(), layers, hidden)
     c.preset = size
   else:
     c = pretrain_configs.get_config(size)

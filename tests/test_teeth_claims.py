@@ -82,14 +82,14 @@ def test_pareto_frontier_needs_strictly_higher_accuracy():
 
 def test_loss_at_is_the_last_eval_at_or_before_t():
   c = curve([0.0, 10.0, 20.0, 30.0], [9.0, 5.0, 4.0, 3.0])
-  assert claims_lib._loss_at(c, 20.0) == (4.0, 20.0, 30)
-  assert claims_lib._loss_at(c, 29.9) == (4.0, 20.0, 30)
-  assert claims_lib._loss_at(c, 0.0) == (9.0, 0.0, 10)
-  assert claims_lib._loss_at(curve([5.0], [1.0]), 4.0) is None
+  assert claims_lib.loss_at(c, 20.0) == (4.0, 20.0, 30)
+  assert claims_lib.loss_at(c, 29.9) == (4.0, 20.0, 30)
+  assert claims_lib.loss_at(c, 0.0) == (9.0, 0.0, 10)
+  assert claims_lib.loss_at(curve([5.0], [1.0]), 4.0) is None
   # Two evals logged at the same time: the later line counts.
-  assert claims_lib._loss_at(curve([10.0, 10.0], [5.0, 4.0]), 10.0) == (4.0, 10.0, 20)
+  assert claims_lib.loss_at(curve([10.0, 10.0], [5.0, 4.0]), 10.0) == (4.0, 10.0, 20)
   # Unordered evals: the latest time at or before t, not the last one listed.
-  assert claims_lib._loss_at(curve([20.0, 10.0], [4.0, 5.0]), 25.0) == (4.0, 20.0, 10)
+  assert claims_lib.loss_at(curve([20.0, 10.0], [4.0, 5.0]), 25.0) == (4.0, 20.0, 10)
 
 
 def test_light_cells_are_dense_plus_the_least_compressed_of_each_method():

@@ -127,10 +127,11 @@ def test_format_recommendation_lines():
   assert text[1] == 'Predicted validation MLM loss at that budget:'
   assert text[2].endswith('<- train this') and text[2].strip().startswith('L:')
   assert [line.split(':')[0].strip() for line in text[2:5]] == ['L', 'M', 'S']
-  assert text[5] == 'Extrapolation: 5.00x the longest time observed for L.'
-  assert text[6].startswith('Compress it as quantize 2-bit: 0.2 MB, measured accuracy')
-  assert text[7].startswith('Best measured cell of any size within the serving budget: ')
-  assert text[8].startswith('warning: the training budget is 5.0x')
+  assert text[5].startswith('Backtest: fitted on evals up to 200 s, predicted the loss at 400 s')
+  assert text[6] == 'Extrapolation: 5.00x the longest time observed for L.'
+  assert text[7].startswith('Compress it as quantize 2-bit: 0.2 MB, measured accuracy')
+  assert text[8].startswith('Best measured cell of any size within the serving budget: ')
+  assert text[9].startswith('warning: the training budget is 5.0x')
 
 
 def test_cli_plan_prints_the_recommendation(tmp_path):
