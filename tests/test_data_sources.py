@@ -303,6 +303,7 @@ def test_too_few_examples_and_missing_split_are_found_at_start(tmp_path, data_di
 def test_unknown_token_rate_is_logged_and_warned(tmp_path, data_dir, tokenizer, caplog):
   (tmp_path / 'en.txt').write_text('\n'.join(sentences(40, seed=10)))
   caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # an earlier test may have quieted absl's logger
   stats = checks.check_split(f'files:{tmp_path}/en.txt', 'train', data_dir, ('text',),
                              tokenizer, min_examples=1, what='a test')
   assert stats['unk_rate'] == 0.0 and 'unknown-token rate 0.000%' in caplog.text
