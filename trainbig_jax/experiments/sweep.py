@@ -55,6 +55,7 @@ from trainbig_jax.models.encoder import DTYPES
 from trainbig_jax.models.layout import TOKEN_EMBEDDING
 from trainbig_jax.tasks import mlm as mlm_task
 from trainbig_jax.tasks.classify import finetune
+from trainbig_jax.tasks.mlm import pretrain
 from trainbig_jax.train import distributed, runlock
 from trainbig_jax.train.flops import matmul_flops_per_s
 
@@ -299,7 +300,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
     pre_config = pretrain_config(sweep, layers, hidden, tokenizer.path, seed, tokenizer)
     progress(f'{tag}: {"training" if translating else "pretraining"} for {budget}')
     pre = _stage(run_dir / 'pretrain',
-                 lambda: train_task.train(pre_config, run_dir / 'pretrain'))
+                 lambda: (train_task.train if translating else pretrain)(pre_config,
+                                                                         run_dir / 'pretrain'))
     progress(f'{tag}: {"trained" if translating else "pretrained"} {pre["step"]} steps, '
              f'eval_loss {pre["eval_loss"]:.3f}' + ('' if translating else '; fine-tuning'))
     pre_examples = f'{EXAMPLES_DIR}/{cell_id_of(name, seed, "pretrain")}.npz'
