@@ -117,8 +117,15 @@ def _paper_corpus(c):
 
 def set_size(c: ml_collections.ConfigDict, layers: int, hidden: int, heads: int | None = None
              ) -> ml_collections.ConfigDict:
-  """The one size rule: heads = hidden // 64 (at least 1) unless given, MLP 4 x hidden."""
+  """`layers` encoder layers, `hidden` wide, heads and MLP by `set_width`."""
   c.model.num_layers = layers
+  return set_width(c, hidden, heads)
+
+
+def set_width(c: ml_collections.ConfigDict, hidden: int, heads: int | None = None
+              ) -> ml_collections.ConfigDict:
+  """The one width rule of every model family: heads = hidden // 64 (at least 1) unless
+  given, MLP 4 x hidden."""
   c.model.hidden = hidden
   c.model.num_heads = heads or max(1, hidden // 64)
   c.model.mlp_dim = 4 * hidden

@@ -15,6 +15,7 @@ Presets:
 
 import ml_collections
 
+from trainbig_jax.configs import pretrain
 from trainbig_jax.data.translation import translation_data_config
 
 WIDTH_GRID_LAYERS = 6
@@ -75,12 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def set_size(c, layers, hidden, heads=None):
-  """Encoder and decoder of `layers` layers each, `hidden` wide, MLP 4 x hidden."""
+  """Encoder and decoder of `layers` layers each, `hidden` wide (pretrain.set_width's rule)."""
   c.model.num_encoder_layers = c.model.num_decoder_layers = layers
-  c.model.hidden = hidden
-  c.model.num_heads = heads or max(1, hidden // 64)
-  c.model.mlp_dim = 4 * hidden
-  return c
+  return pretrain.set_width(c, hidden, heads)
 
 
 def _lengths(c, max_len, pack_len):
