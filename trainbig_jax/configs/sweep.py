@@ -65,6 +65,11 @@ def get_config(preset: str = 'demo') -> ml_collections.ConfigDict:
     c.sizes = ((1, 32), (2, 64), (3, 96))
     c.heads = 0
     c.pretrain_budget_s = 100.0
+    # Machine-independent budgets (--config.budget=flops|tokens): about what the 2 x 64 model
+    # trains in the 100 s above on the 2-core machine (docs/demo/results.jsonl: 2.43e12
+    # analytic training FLOPs, 2.94e6 tokens).
+    c.pretrain_budget_flops = 2.4e12
+    c.pretrain_budget_tokens = 3e6
     # The demo pretrain preset's 2e-3 with 50 warmup steps leaves the 3 x 96 model stuck at
     # unigram loss (6.5 after 100 s, measured); 1e-3 with 300 warmup steps trains all three.
     c.pretrain_overrides = ml_collections.ConfigDict(
