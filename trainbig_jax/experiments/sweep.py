@@ -253,15 +253,7 @@ def measure_machine(workdir: Path, progress: Callable[[str], None]) -> dict[str,
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
   if jax.process_index() != 0:  # every process evaluated the cell; one row records it
     return
-  path = workdir / RESULTS_FILE
-  if path.exists():  # a sweep killed mid-append left a partial last line: cut it off first
-    text = path.read_bytes()
-    if text and not text.endswith(b'\n'):
-      os.truncate(path, text.rfind(b'\n') + 1)
-  with open(path, 'a') as f:
-    f.write(json.dumps(row) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+  files.append_jsonl(workdir / RESULTS_FILE, row)  # a line torn by a kill is cut off first
 
 
 @runlock.holds_run_folder(lambda sweep, workdir, *args, **kwargs: workdir)
