@@ -4,7 +4,9 @@ Training reads packed pairs (data/translation.py) and minimises label-smoothed c
 Evaluation reports `eval_loss` (plain cross-entropy per target token) on the whole
 validation split, and `eval_bleu` / `eval_chrf` (sacreBLEU, detokenized) from decoding the
 first `data.eval_examples` validation pairs with the config's `decode` settings (beam size,
-length penalty). The primary metric is eval_bleu, higher is better.
+length penalty). The primary metric is eval_bleu, higher is better. For paired comparisons
+(the sweep's intervals) the same decoding also gives each sentence's BLEU statistics
+(per_example_metrics_fn).
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def sentence_bleu_statistics(hypotheses: Sequence[str], references: Sequence[str
                              ) -> np.ndarray:
   """[sentences, 10] BLEU sufficient statistics (BLEU_STATISTICS) of each detokenized
   hypothesis against its one reference, from sacreBLEU's own sentence scoring (13a
-  tokenization, as corpus_scores): summed over any set of sentences they give that set's
+  tokenization, as data/translation.corpus_scores): summed over any set of sentences they give that set's
   corpus BLEU (bleu_from_statistics), which is what a paired bootstrap resamples."""
   if len(hypotheses) != len(references):
     raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references; '
@@ -220,7 +222,8 @@ def per_example_metrics_fn(model: EncoderDecoder, config: ml_collections.ConfigD
                            ) -> Callable[[Any], tuple[dict[str, float],
                                                       dict[str, np.ndarray]]] | None:
   """params -> (extra_metrics_fn's metrics, {'bleu': per-sentence BLEU statistics}) from one
-  decoding of the same subset: eval_bleu is the corpus BLEU of the summed statistics."""
+  decoding of the same subset; eval_bleu (sacreBLEU's corpus score) is the corpus BLEU of
+  the summed statistics."""
   decode = _eval_subset_decoder(model, config, tokenizer)
   if decode is None:
     return None
