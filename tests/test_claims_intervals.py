@@ -4,6 +4,7 @@ strict rules by name, and the fallback for results without per-example data."""
 import numpy as np
 import pytest
 
+from trainbig_jax.experiments import uncertainty as unc
 from trainbig_jax.experiments.claims import CLAIM_KEYS, evaluate_claims
 from trainbig_jax.experiments.report import claims_table
 
@@ -133,3 +134,85 @@ def test_table_prints_verdict_margin_and_interval():
 def test_unknown_rules_is_one_line_error():
   with pytest.raises(ValueError, match="rules='loose' is invalid; allowed: interval, strict"):
     evaluate_claims([], {}, rules='loose')
+
+
+# ----------------------------------------------------------------- a translation sweep (BLEU)
+
+SENTENCES = 300
+
+
+def make_translation_sweep(quality):
+  """(rows, examples) of a translation sweep: quality[model][cell] is the n-gram precision
+  of that cell's translations. Every sentence has a difficulty shared by all cells (as the
+  same validation sentences would), so differences between cells are paired; per-sentence
+  matches are binomial draws around it."""
+  rows, examples = [], {}
+  rng = np.random.default_rng(7)
+  lengths = rng.integers(6, 30, SENTENCES)
+  difficulty = rng.uniform(-0.15, 0.15, SENTENCES)
+  totals = np.stack([np.maximum(lengths - n, 0) for n in range(4)], axis=1)
+  for model, cells in quality.items():
+    for cell, q in cells.items():
+      p = np.clip(q - difficulty, 0.01, 0.99)[:, None] ** np.arange(1, 5)
+      draws = np.random.default_rng([model == BIG, list(cells).index(cell)])
+      correct = draws.binomial(totals, p)
+      stats = np.column_stack([lengths, lengths, correct, totals]).astype(float)
+      path = f'examples/{model}/{cell}.npz'
+      examples[path] = {'loss': lengths * (1 - q), 'weight': lengths.astype(float),
+                        'correct': lengths * q, 'bleu': stats}
+      method, sparsity, bits = {'dense': ('dense', 0.0, 32), 'prune50': ('prune', 0.5, 32),
+                                'int4': ('quantize', 0.0, 4)}[cell]
+      rows.append({
+          'cell': f'{model}/{cell}', 'model': model, 'seed': 0,
+          'layers': int(model[1]), 'hidden': int(model.split('H')[1]),
+          'total_params': 1000 if model == SMALL else 5000, 'budget_kind': 'time',
+          'pretrain_budget': 60.0, 'pretrain_budget_s': 60.0, 'pretrain_steps': 10,
+          'pretrain_wall_s': 60.0, 'pretrain_eval_loss': 3.0, 'method': method,
+          'sparsity': sparsity, 'bits': bits, 'nonzero_params': 1,
+          'stored_bytes': BYTES[model][cell], 'dense_fp32_bytes': 1,
+          'metric': unc.bleu_statistic(stats), 'metric_name': 'eval_bleu',
+          'higher_is_better': True, 'majority_accuracy': None, 'examples': path,
+          # As the sweep writes them: a translation run is its own dense cell.
+          'pretrain_examples': f'examples/{model}/dense.npz',
+          'pretrain_metric_name': 'eval_bleu'})
+  return rows, examples
+
+
+def test_translation_claims_get_bleu_intervals_held_or_undecided_as_the_data_say():
+  good = {'dense': 0.70, 'prune50': 0.69, 'int4': 0.68}
+  bad = {'dense': 0.55, 'prune50': 0.40, 'int4': 0.41}
+  rows, examples = make_translation_sweep({BIG: good, SMALL: bad})
+  v = verdicts(rows, examples)
+  for key in CLAIM_KEYS:
+    assert v[key]['rules'] == 'interval' and v[key]['verdict'] == 'held', (key, v[key])
+    lo, hi = v[key]['interval']
+    assert 0 < lo <= v[key]['margin'] <= hi
+  by_cell = {r['cell']: r['metric'] for r in rows}
+  # Claim 1 compares the runs' final BLEU: BLEU(largest) - BLEU(smaller), corpus BLEU points.
+  assert v[LOSS]['margin'] == pytest.approx(
+      by_cell[f'{BIG}/dense'] - by_cell[f'{SMALL}/dense'])
+  assert 'BLEU' in v[LOSS]['claim'] and 'highest validation BLEU' in v[LOSS]['claim']
+  assert v[ROBUST]['evidence']['metric'] == 'BLEU'
+  # Claim 3: the big model's int4 cell (2500 bytes) against the small dense one (4000).
+  assert v[EQUAL_SIZE]['margin'] == pytest.approx(
+      by_cell[f'{BIG}/int4'] - by_cell[f'{SMALL}/dense'])
+  # Qualities a hair apart: the data cannot tell.
+  near = {'dense': 0.600, 'prune50': 0.599, 'int4': 0.598}
+  nearer = {'dense': 0.599, 'prune50': 0.598, 'int4': 0.597}
+  v = verdicts(*make_translation_sweep({BIG: near, SMALL: nearer}))
+  for key in CLAIM_KEYS:
+    assert v[key]['verdict'] == 'undecided', (key, v[key])
+    lo, hi = v[key]['interval']
+    assert lo < 0 < hi
+  table = claims_table(v)
+  assert 'interval rules' in table and 'BLEU' in table
+
+
+def test_translation_results_without_bleu_statistics_fall_back_to_strict():
+  rows, examples = make_translation_sweep({BIG: {'dense': 0.7, 'prune50': 0.6, 'int4': 0.6},
+                                           SMALL: {'dense': 0.5, 'prune50': 0.3, 'int4': 0.3}})
+  old = {path: {k: a for k, a in data.items() if k != 'bleu'}
+         for path, data in examples.items()}
+  v = verdicts(rows, old)
+  for key in CLAIM_KEYS:
+    assert v[key]['rules'] == 'strict' and "no 'bleu' values" in v[key]['rules_note']

@@ -34,3 +34,13 @@ def test_read_jsonl_drops_only_a_torn_last_line(tmp_path):
   path.write_text('{"step": 0}\n[1, 2]\n{"step": 2}\n')
   with pytest.raises(files.JsonlError, match='line 2: expected a JSON object, got list'):
     files.read_jsonl(path)
+
+
+def test_append_jsonl_cuts_a_torn_last_line_first(tmp_path):
+  path = tmp_path / 'results.jsonl'
+  files.append_jsonl(path, {'cell': 'a'})  # creates the file
+  with open(path, 'a') as f:
+    f.write('{"cell": "b", "acc')  # an append killed half-way
+  files.append_jsonl(path, {'cell': 'b'})
+  assert path.read_text() == '{"cell": "a"}\n{"cell": "b"}\n'
+  assert [row for _, row in files.read_jsonl(path)] == [{'cell': 'a'}, {'cell': 'b'}]

@@ -22,6 +22,11 @@ def test_registry_names_and_primary_metrics():
     assert task.NAME == name
     assert task.PRIMARY_MODE in ('max', 'min')
     assert task.PRIMARY_METRIC.startswith('eval_')
+    # Every member of the Task protocol (evaluate and the sweep call them all).
+    methods = [m for m, v in vars(tasks.Task).items() if callable(v) and not m.startswith('_')]
+    assert 'per_example_metrics_fn' in methods
+    for member in [*tasks.Task.__annotations__, *methods]:
+      assert hasattr(task, member), (name, member)
   assert (tasks.get_task('mlm').PRIMARY_METRIC, tasks.get_task('mlm').PRIMARY_MODE) == (
       'eval_loss', 'min')
   assert (tasks.get_task('classify').PRIMARY_METRIC,

@@ -36,6 +36,10 @@ def test_eval_and_compress_a_translation_run(run, tmp_path):
   assert dense['task_kind'] == 'translate' and dense['primary_metric'] == 'eval_bleu'
   assert {'eval_loss', 'eval_bleu', 'eval_chrf'} <= set(dense)
   assert dense['eval_examples'] == 1776  # the whole validation split
+  with pytest.raises(ValueError, match=r"--int8 evaluates the summed metrics \(eval_loss, "
+                                      r"eval_accuracy\); .* is a 'translate' run, whose "
+                                      r'eval_bleu needs the float path'):
+    evaluate_checkpoint(run, int8=True)
   original, _ = load_checkpoint_params(run)
 
   def kernel(params, stack, part):

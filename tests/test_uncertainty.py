@@ -8,6 +8,7 @@ import sacrebleu
 from sacrebleu.metrics import BLEU
 
 from trainbig_jax.experiments import uncertainty as unc
+from trainbig_jax.tasks import translate
 
 
 def correlated_outcomes(rng, n, p_a, p_b):
@@ -67,15 +68,25 @@ def test_seed_variation_widens_the_interval():
   assert several.high - several.low > one.high - one.low
 
 
-def test_bleu_statistic_is_corpus_bleu_and_resamples_sentences():
-  hyps = ['le chat est sur le tapis', 'un chien court vite', 'bonjour le monde', 'oui']
-  refs = ['le chat est sur le tapis', 'le chien court vite', 'bonjour tout le monde', 'non']
-  stats = np.array(BLEU()._extract_corpus_statistics(hyps, [refs]))
-  assert unc.bleu_statistic(stats) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
-  worse = np.array(BLEU()._extract_corpus_statistics(['le', 'un', 'le', 'oui'], [refs]))
+def test_sentence_bleu_statistics_sum_to_sacrebleu_corpus_bleu():
+  hyps = ['le chat est sur le tapis', 'un chien court vite', 'bonjour le monde', 'oui', '',
+          'Choisissez Format - Caractère.', 'Cliquez sur OK , puis fermez .']
+  refs = ['le chat est sur le tapis', 'le chien court vite', 'bonjour tout le monde', 'non',
+          'vide', 'Choisissez Format - Caractère.', 'Cliquez sur OK, puis fermez.']
+  stats = translate.sentence_bleu_statistics(hyps, refs)
+  assert stats.shape == (len(hyps), len(translate.BLEU_STATISTICS))
+  # Exactly the segment statistics sacreBLEU's corpus score sums (its own, private, reader).
+  np.testing.assert_array_equal(stats, BLEU()._extract_corpus_statistics(hyps, [refs]))
+  for subset in (slice(None), slice(0, 3), slice(2, 7)):
+    assert unc.bleu_statistic(stats[subset]) == pytest.approx(
+        sacrebleu.corpus_bleu(hyps[subset], [refs[subset]]).score, abs=1e-9)
+  worse = translate.sentence_bleu_statistics(['le', 'un', 'le', 'oui', '', 'Format', 'OK'],
+                                             refs)
   ci = unc.paired_difference([stats], [worse], statistic=unc.bleu_statistic, n_resamples=200)
   assert ci.difference == pytest.approx(unc.bleu_statistic(stats) - unc.bleu_statistic(worse))
   assert ci.low <= ci.difference <= ci.high
+  with pytest.raises(ValueError, match='7 hypotheses but 6 references'):
+    translate.sentence_bleu_statistics(hyps, refs[:6])
 
 
 def test_bad_inputs():

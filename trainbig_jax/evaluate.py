@@ -4,7 +4,8 @@ The checkpoint's own config names its task (trainbig_jax/tasks), which says what
 a pretraining run on its MLM validation batches, a fine-tuning run on its dataset's
 validation split. A compressed checkpoint is dequantized into a dense tree and evaluated by
 exactly the same compiled step; with
-`int8=True` (`--int8`) its Dense layers run as int8 matmuls instead (compress/int8.py).
+`int8=True` (`--int8`) its Dense layers run as int8 matmuls instead (compress/int8.py), for
+the summed metrics (eval_loss, eval_accuracy) alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainbig_jax import tasks
 from trainbig_jax.compress.checkpoints import load_checkpoint_params
@@ -51,11 +53,14 @@ def make_per_example_step(sums_fn):
 def per_example_sums(per_example_step, params, batches, mesh) -> dict[str, np.ndarray]:
   """Every real example's sums in evaluation order: {'loss', 'weight', 'correct'} arrays.
 
-  This process's share of the split (the sweep evaluates in one process)."""
+  `per_example_step` returns its values replicated, so every process gets all processes'
+  examples (in global batch order) and sums them to the same totals."""
   parts = []
   for batch in batches:
     sums = jax.device_get(per_example_step(params, partitioning.global_batch(batch, mesh)))
     parts.append({k: np.asarray(sums[k], np.float64) for k in ('loss', 'weight', 'correct')})
+  if not parts:
+    raise ValueError('The evaluation split gave no batches.')
   out = {k: np.concatenate([p[k] for p in parts]) for k in ('loss', 'weight', 'correct')}
   real = out['weight'] > 0
   return {k: v[real] for k, v in out.items()}
@@ -65,9 +70,14 @@ def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False,
                         per_example: bool = False) -> dict[str, Any]:
   """Evaluates a run folder or compressed checkpoint; returns metrics and storage facts.
 
-  With `per_example`, result['per_example'] holds each real example's loss, weight and
-  correct sums (see `per_example_sums`; the metrics are their ratios sum(loss)/sum(weight)
-  and sum(correct)/sum(weight)), for paired comparisons (experiments/uncertainty.py).
+  One pass over the evaluation data either way. With `per_example`, that pass keeps each
+  real example's loss, weight and correct sums (see `per_example_sums`) and the summed
+  metrics are derived from them (sum(loss)/sum(weight), sum(correct)/sum(weight): the same
+  numbers up to float32 rounding); the task's further metrics come with their per-example
+  parts where it has them (translation: each sentence's BLEU statistics, 'bleu'). They are
+  in result['per_example'], for paired comparisons (experiments/uncertainty.py).
+  With `int8`, only the summed metrics are evaluated (decoding and further splits run on
+  the float parameters), so a task whose primary metric is not summed is refused.
   """
   path = Path(path)
   if not path.exists():
@@ -80,37 +90,49 @@ def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False,
   config.model = layer_stack.per_layer_model_config(config.model)
   model = task.build_model(config, tokenizer)
   sums_fn = task.sums_fn(model, config)
-  eval_batches = task.eval_batches(config, tokenizer)
-  batches = lambda: eval_batches
+  batches = task.eval_batches(config, tokenizer)
   mesh = _mesh_for(config)
   shardings = params_shardings(task.init_params_fn(model, config), mesh)
   leaves = jax.tree.leaves(params)
   if int8:
-    if task.extra_metrics_fn(model, config, tokenizer) is not None:
-      raise ValueError(f'--int8 evaluates the summed metrics of encoder tasks; {path} is a '
-                       f'{task.NAME!r} run, whose {task.PRIMARY_METRIC} needs the float path.')
+    if task.PRIMARY_METRIC not in loop.SUMMED_METRICS:
+      raise ValueError(f'--int8 evaluates the summed metrics ({", ".join(loop.SUMMED_METRICS)})'
+                       f'; {path} is a {task.NAME!r} run, whose {task.PRIMARY_METRIC} needs '
+                       f'the float path.')
     params, shardings, sums_fn = int8_eval_inputs(params, shardings, sums_fn, mesh, path)
   try:
     params = jax.device_put(params, shardings)
   except ValueError as e:
     raise checkpoint.CheckpointError(
         f'{path} holds parameters that do not fit its own model config ({e}).') from None
-  eval_step = jax.jit(make_eval_step(sums_fn),
-                      in_shardings=(shardings, partitioning.batch_sharding(mesh)))
+  in_shardings = (shardings, partitioning.batch_sharding(mesh))
+  if per_example:
+    step = jax.jit(make_per_example_step(sums_fn), in_shardings=in_shardings,
+                   out_shardings=NamedSharding(mesh, P()))
+  else:
+    step = jax.jit(make_eval_step(sums_fn), in_shardings=in_shardings)
+  values = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-    first = next(iter(batches()))
-    eval_step.lower(params, partitioning.global_batch(first, mesh)).compile()  # not timed
+    first = next(iter(batches))
+    step.lower(params, partitioning.global_batch(first, mesh)).compile()  # not timed
     start = time.perf_counter()
-    metrics = loop.evaluate(eval_step, params, batches(), mesh)
-    extra_metrics = task.extra_metrics_fn(model, config, tokenizer)
-    if extra_metrics is not None:
-      metrics.update(extra_metrics(params))
-    seconds = time.perf_counter() - start
     if per_example:
-      step = jax.jit(make_per_example_step(sums_fn),
-                     in_shardings=(shardings, partitioning.batch_sharding(mesh)))
-      per_example_values = per_example_sums(step, params, batches(), mesh)
-  examples = sum(task.count_examples(b) for b in batches())
+      values = per_example_sums(step, params, batches, mesh)
+      metrics = loop.summed_metrics({k: np.sum(v) for k, v in values.items()})
+    else:
+      metrics = loop.evaluate(step, params, batches, mesh)
+    if not int8:
+      with_examples = (task.per_example_metrics_fn(model, config, tokenizer) if per_example
+                       else None)
+      if with_examples is not None:
+        extra, extra_values = with_examples(params)
+        values.update(extra_values)
+      else:
+        extra_metrics = task.extra_metrics_fn(model, config, tokenizer)
+        extra = extra_metrics(params) if extra_metrics is not None else {}
+      metrics.update(extra)
+    seconds = time.perf_counter() - start
+  examples = sum(task.count_examples(b) for b in batches)
   return {
       'checkpoint': str(path), 'task': config.get('task', task.NAME), 'task_kind': task.NAME,
       'primary_metric': task.PRIMARY_METRIC, 'primary_mode': task.PRIMARY_MODE,
@@ -119,5 +141,5 @@ def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False,
       'nonzero_params': sum(int(np.count_nonzero(x)) for x in leaves),
       **facts, 'eval_examples': examples, 'eval_seconds': seconds,
       'examples_per_s': examples / max(seconds, 1e-9),
-      **({'per_example': per_example_values} if per_example else {}),
+      **({'per_example': values} if per_example else {}),
   }

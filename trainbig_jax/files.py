@@ -2,7 +2,9 @@
 
 Every file the project writes whole (configs, summaries, tokenizers, rewritten metrics) goes
 through `atomic_write`; every JSONL file it reads (metrics.jsonl, results.jsonl) through
-`read_jsonl`, which tolerates exactly what an interrupted append leaves behind.
+`read_jsonl`, which tolerates exactly what an interrupted append leaves behind; a record that
+must survive a crash once written (a sweep's results line) is added with `append_jsonl`,
+which first cuts off what an interrupted earlier append left.
 """
 
 from __future__ import annotations
@@ -64,3 +66,22 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
                        f'{type(obj).__name__}.')
     records.append((i + 1, obj))
   return records
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+  """Appends `record` as one line of the JSONL file `path` (created if missing), on disk when
+  this returns.
+
+  An append interrupted by a crash leaves a torn last line (no final newline); it is cut off
+  first, so the new line starts a line of its own instead of extending the torn one into a
+  damaged line in the middle of the file (which `read_jsonl` would then refuse).
+  """
+  path = Path(path)
+  if path.exists():
+    data = path.read_bytes()
+    if data and not data.endswith(b'\n'):
+      os.truncate(path, data.rfind(b'\n') + 1)
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write(json.dumps(record) + '\n')
+    f.flush()
+    os.fsync(f.fileno())

@@ -28,7 +28,11 @@ Two sets of rules decide (`rules=`):
       the claim's side of zero, 'not held' when it lies wholly on the other side, else
       'undecided'; a claim combines its comparisons with uncertainty.combine_verdicts. It
       needs the sweep's per-example files (results rows name them in `examples` and
-      `pretrain_examples`); results without them fall back to 'strict' and say so.
+      `pretrain_examples`); results without them fall back to 'strict' and say so. Each
+      metric is recomputed from resampled examples (PER_EXAMPLE_METRICS): accuracy and loss
+      as ratios of per-example sums, BLEU as the corpus BLEU of resampled sentences' summed
+      statistics. A translation sweep's claim 1 compares its runs' final BLEU (the runs'
+      own metric) instead of the MLM loss.
   'strict': the point rules of the three `claim_*` functions (on the means over seeds).
 Every claim then carries `verdict` ('held' / 'not held' / 'undecided'), `rules`, `margin`
 and `interval` (the decisive comparison's difference and [low, high]; None under strict
@@ -37,6 +41,7 @@ rules) and `budget` (which pretraining budget the sizes were given).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -482,8 +487,6 @@ def aggregate_seeds(results: Iterable[Row]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- intervals
 
-# Which per-example sums (evaluate.per_example_sums) a metric is the ratio of, over 'weight'.
-METRIC_SUMS = {'eval_accuracy': 'correct', 'eval_loss': 'loss'}
 Examples = Callable[[str], Mapping[str, np.ndarray] | None]
 
 
@@ -493,16 +496,47 @@ def ratio_statistic(rows: np.ndarray) -> float:
   return float(np.sum(rows[:, 0]) / max(np.sum(rows[:, 1]), 1e-12))
 
 
-def drop_statistic(sign: float) -> Callable[[np.ndarray], float]:
-  """Quality lost from dense to compressed, of [examples, 4] rows (dense value, weight,
-  compressed value, weight); `sign` -1 for a lower-is-better metric."""
+@dataclasses.dataclass(frozen=True)
+class ExampleMetric:
+  """How a metric is recomputed from a cell's per-example file: the file's arrays that make
+  each example's row (side by side), and the statistic of a set of rows (the metric of those
+  examples alone, which the bootstrap resamples)."""
+  arrays: tuple[str, ...]
+  statistic: Callable[[np.ndarray], float]
+  higher_is_better: bool
+
+
+# The metrics with intervals, by the name results rows give them (`metric_name`). The files
+# are evaluate.evaluate_checkpoint's per-example values, written by the sweep.
+PER_EXAMPLE_METRICS = {
+    'eval_accuracy': ExampleMetric(('correct', 'weight'), ratio_statistic, True),
+    'eval_loss': ExampleMetric(('loss', 'weight'), ratio_statistic, False),
+    # Each sentence's BLEU statistics; a set's BLEU is the corpus BLEU of their sum.
+    'eval_bleu': ExampleMetric(('bleu',), uncertainty.bleu_statistic, True),
+}
+
+
+def drop_statistic(statistic: Callable[[np.ndarray], float], sign: float, width: int
+                   ) -> Callable[[np.ndarray], float]:
+  """Quality lost from dense to compressed, of rows made of a dense row (its first `width`
+  columns) and a compressed row side by side; `sign` -1 for a lower-is-better metric."""
   def drop(rows: np.ndarray) -> float:
-    return sign * (ratio_statistic(rows[:, :2]) - ratio_statistic(rows[:, 2:]))
+    return sign * (statistic(rows[:, :width]) - statistic(rows[:, width:]))
   return drop
 
 
-def _runs(rows: Sequence[Row], field: str, sums: str, examples: Examples) -> list[np.ndarray]:
-  """Per-seed [examples, 2] arrays (value, weight) of a cell, one per distinct file."""
+def _example_rows(data: Mapping[str, np.ndarray], metric: str, where: str) -> np.ndarray:
+  """[examples, k] rows of `metric` from one per-example file's arrays."""
+  arrays = PER_EXAMPLE_METRICS[metric].arrays
+  missing = [a for a in arrays if a not in data]
+  if missing:
+    raise uncertainty.UncertaintyError(f'{where} has no per-example {missing[0]!r} values.')
+  return np.column_stack([np.asarray(data[a], np.float64) for a in arrays])
+
+
+def _runs(rows: Sequence[Row], field: str, metric: str, examples: Examples
+          ) -> list[np.ndarray]:
+  """Per-seed [examples, k] arrays of a cell's `metric` rows, one per distinct file."""
   runs, seen = [], set()
   for r in sorted(rows, key=lambda r: r.get('seed', 0)):
     if r[field] in seen:
@@ -511,7 +545,7 @@ def _runs(rows: Sequence[Row], field: str, sums: str, examples: Examples) -> lis
     data = examples(r[field])
     if data is None:
       raise uncertainty.UncertaintyError(f'{r[field]} has no per-example data.')
-    runs.append(np.stack([data[sums], data['weight']], axis=1))
+    runs.append(_example_rows(data, metric, r[field]))
   return runs
 
 
@@ -555,30 +589,51 @@ def _iv_text(c: dict[str, Any]) -> str:
           f'{c["n_seeds"][0]}/{c["n_seeds"][1]}) -> {c["verdict"]}.')
 
 
+def pretrain_metric_name(results: Iterable[Row]) -> str:
+  """What the training runs' final checkpoints are scored by in claim 1 (`pretrain_examples`):
+  the validation MLM loss, or a translation run's BLEU (rows say `pretrain_metric_name`)."""
+  names = {r.get('pretrain_metric_name', 'eval_loss') for r in results}
+  return names.pop() if len(names) == 1 else 'mixed'
+
+
 def interval_bigger_lower_loss(results: Sequence[Row], examples: Examples) -> dict[str, Any]:
-  """Claim 1 by intervals: the final pretraining checkpoint of each size (the end of the
-  budget) on the same masked validation sequences; per comparison, loss(smaller) -
-  loss(largest) (token-weighted MLM loss, paired over sequences, hierarchical over seeds),
+  """Claim 1 by intervals: the final training checkpoint of each size (the end of the
+  budget) on the same validation examples; per comparison, loss(smaller) - loss(largest)
+  (token-weighted MLM loss, paired over sequences, hierarchical over seeds) or, for a
+  translation sweep, BLEU(largest) - BLEU(smaller) (corpus BLEU of resampled sentences),
   wanted > 0, for the largest against every other size."""
   key = CLAIM_KEYS[0]
   sizes = model_sizes(results)
   largest = _largest(sizes)
   by_model = {m: [r for r in results if r['model'] == m] for m in sizes}
-  stat = ratio_statistic
-  big = _runs(by_model[largest], 'pretrain_examples', 'loss', examples)
+  name = pretrain_metric_name(results)
+  spec = PER_EXAMPLE_METRICS[name]
+  short = name.removeprefix('eval_')
+  label = METRIC_LABELS.get(short, short)
+  stat = spec.statistic
+  big = _runs(by_model[largest], 'pretrain_examples', name, examples)
+  difference = ((lambda m: f'{label}({largest}) - {label}({m})') if spec.higher_is_better
+                else (lambda m: f'{label}({m}) - {label}({largest})'))
   comparisons = []
   for m in sizes:
     if m == largest:
       continue
-    other = _runs(by_model[m], 'pretrain_examples', 'loss', examples)
-    comparisons.append(_compare(other, big, stat, {
-        'smaller': m, 'difference': f'loss({m}) - loss({largest})',
-        'loss_largest': float(np.mean([stat(r) for r in big])),
-        'loss_smaller': float(np.mean([stat(r) for r in other]))}))
-  return _decide(key, comparisons, {'largest': largest, 'total_params': dict(sizes)},
-                 lambda c: f'loss({c["smaller"]}) - loss({largest}) = {_iv_text(c)}',
-                 f'final pretraining checkpoints of {len(sizes)} sizes on the same '
-                 f'validation sequences')
+    other = _runs(by_model[m], 'pretrain_examples', name, examples)
+    a, b = (big, other) if spec.higher_is_better else (other, big)
+    comparisons.append(_compare(a, b, stat, {
+        'smaller': m, 'difference': difference(m),
+        f'{short}_largest': float(np.mean([stat(r) for r in big])),
+        f'{short}_smaller': float(np.mean([stat(r) for r in other]))}))
+  verdict = _decide(key, comparisons,
+                    {'largest': largest, 'total_params': dict(sizes), 'metric': label},
+                    lambda c: f'{difference(c["smaller"])} = {_iv_text(c)}',
+                    f'final training checkpoints of {len(sizes)} sizes on the same '
+                    f'validation examples, by {label}')
+  if name != 'eval_loss':
+    verdict['claim'] = CLAIM_TEXT[key].replace(
+        'the lowest validation MLM loss',
+        f'the {"highest" if spec.higher_is_better else "lowest"} validation {label}')
+  return verdict
 
 
 def interval_bigger_more_robust(results: Sequence[Row], examples: Examples
@@ -594,13 +649,14 @@ def interval_bigger_more_robust(results: Sequence[Row], examples: Examples
             'interval': None}  # a baseline or missing-cell reason: no comparison exists
   sizes = model_sizes(results)
   largest = _largest(sizes)
-  sums = METRIC_SUMS[metric_name_key(results)]
+  name = metric_name_key(results)
+  statistic = PER_EXAMPLE_METRICS[name].statistic
   sign = 1.0 if all(higher_is_better(r) for r in results) else -1.0
 
   def cell_runs(m, method, setting):
     rows = [r for r in results if r['model'] == m and r['method'] == method
             and (setting is None or _setting(r, method) == setting)]
-    return _runs(rows, 'examples', sums, examples)
+    return _runs(rows, 'examples', name, examples)
 
   comparisons = []
   for method in ('prune', 'quantize'):
@@ -613,9 +669,10 @@ def interval_bigger_more_robust(results: Sequence[Row], examples: Examples
       return [np.concatenate([d, c], axis=1) for d, c in
               zip(cell_runs(m, 'dense', None), cell_runs(m, method, setting))]
     big = paired(largest)
+    drop = drop_statistic(statistic, sign, width=big[0].shape[1] // 2)
     for m in sub['models']:
       if m != largest:
-        comparisons.append(_compare(paired(m), big, drop_statistic(sign), {
+        comparisons.append(_compare(paired(m), big, drop, {
             'method': method, 'setting': setting, 'smaller': m,
             'difference': f'drop({m}) - drop({largest})'}))
   label = lambda c: (f'{percent(c["setting"])} sparsity' if c['method'] == 'prune'
@@ -638,15 +695,16 @@ def interval_compressed_big_beats_small(results: Sequence[Row], examples: Exampl
   if strict['held'] is None:
     return {**strict, 'verdict': 'undecided', 'rules': 'interval', 'margin': None,
             'interval': None}
-  sums = METRIC_SUMS[metric_name_key(results)]
+  name = metric_name_key(results)
+  statistic = PER_EXAMPLE_METRICS[name].statistic
   sign = 1.0 if all(higher_is_better(r) for r in results) else -1.0
-  stat = (ratio_statistic if sign > 0 else lambda rows: -ratio_statistic(rows))
+  stat = statistic if sign > 0 else lambda rows: -statistic(rows)
   by_cell = {r['cell']: r for r in agg}
   largest = strict['evidence']['largest']
   comparisons = []
   for c in strict['evidence']['comparisons']:
-    big = _runs(by_cell[c['largest_cell']]['seed_rows'], 'examples', sums, examples)
-    rival = _runs(by_cell[c['best_smaller_cell']]['seed_rows'], 'examples', sums, examples)
+    big = _runs(by_cell[c['largest_cell']]['seed_rows'], 'examples', name, examples)
+    rival = _runs(by_cell[c['best_smaller_cell']]['seed_rows'], 'examples', name, examples)
     comparisons.append(_compare(big, rival, stat, {
         'budget_mb': c['budget_mb'], 'largest_cell': c['largest_cell'],
         'largest_label': c['largest_label'], 'best_smaller_cell': c['best_smaller_cell'],
@@ -692,7 +750,8 @@ def evaluate_claims(results: Sequence[Row], curves: Curves, *, rules: str = 'int
 
   `results` are the rows of results.jsonl (see `results.load_results`), `curves` the eval
   curves of `results.load_curves`, `examples` reads a row's per-example file (relative path
-  -> {'loss', 'weight', 'correct'} or None; results.load_examples). Under rules='interval',
+  -> {'loss', 'weight', 'correct'[, 'bleu']} arrays or None; results.load_examples). Under
+  rules='interval',
   results without per-example data (older sweeps) are judged by the strict rules, and each
   claim's `rules_note` says so. The output is plain JSON-serialisable data.
   """
@@ -705,8 +764,12 @@ def evaluate_claims(results: Sequence[Row], curves: Curves, *, rules: str = 'int
                                for r in results):
       note = ('strict rules: these results carry no per-example data (a sweep written before '
               'it was kept), so no intervals can be computed.')
-    elif metric_name_key(results) not in METRIC_SUMS:
+    elif metric_name_key(results) not in PER_EXAMPLE_METRICS:
       note = (f'strict rules: no interval for the metric {metric_name(results)!r} yet.')
+    elif pretrain_metric_name(results) not in PER_EXAMPLE_METRICS:
+      note = 'strict rules: the training runs are scored by different metrics.'
+    else:
+      note = _missing_example_values(results, examples)
   if rules == 'strict' or note or len(model_sizes(results)) < 2:
     verdicts = strict_claims(aggregate_seeds(results), curves)
     for v in verdicts.values():
@@ -727,6 +790,21 @@ def evaluate_claims(results: Sequence[Row], curves: Curves, *, rules: str = 'int
   return verdicts
 
 
+def _missing_example_values(results: Sequence[Row], examples: Examples) -> str | None:
+  """The strict-rules note when the per-example files lack what the metrics need (sweeps
+  written before a translation's per-sentence BLEU statistics were kept), checked on the
+  first row's files; None when they have it."""
+  first = results[0]
+  for field, name in (('examples', metric_name_key(results)),
+                      ('pretrain_examples', pretrain_metric_name(results))):
+    data = examples(first[field])
+    missing = [a for a in PER_EXAMPLE_METRICS[name].arrays if data is None or a not in data]
+    if missing:
+      return (f'strict rules: the per-example files carry no {missing[0]!r} values (a sweep '
+              f'written before they were kept), so no intervals can be computed.')
+  return None
+
+
 def cell_interval(rows: Sequence[Row], examples: Examples | None,
                   n_resamples: int = 500) -> list[float] | None:
   """A cell's metric with its bootstrap interval over examples and seeds, [low, high]: the
@@ -734,12 +812,12 @@ def cell_interval(rows: Sequence[Row], examples: Examples | None,
   if examples is None or any(not r.get('examples') for r in rows):
     return None
   name = metric_name_key(rows)
-  if name not in METRIC_SUMS:
+  if name not in PER_EXAMPLE_METRICS:
     return None
   try:
-    runs = _runs(rows, 'examples', METRIC_SUMS[name], examples)
-    zero = [np.stack([np.zeros(len(runs[0])), np.ones(len(runs[0]))], axis=1)]
-    iv = uncertainty.paired_difference(runs, zero, statistic=ratio_statistic,
+    runs = _runs(rows, 'examples', name, examples)
+    zero = [np.zeros_like(runs[0])]  # a statistic of all-zero rows is 0 (ratio and BLEU)
+    iv = uncertainty.paired_difference(runs, zero, statistic=PER_EXAMPLE_METRICS[name].statistic,
                                        n_resamples=n_resamples)
   except uncertainty.UncertaintyError:
     return None

@@ -128,7 +128,8 @@ def load_curves(sweep_dir: str | Path) -> dict[str, dict[str, list[float]]]:
 
 
 def load_examples(sweep_dir: str | Path, relative: str | None) -> dict[str, Any] | None:
-  """A cell's per-example sums {'loss', 'weight', 'correct'} (arrays), or None when the row
+  """A cell's per-example values {'loss', 'weight', 'correct'} (arrays; a translation's also
+  'bleu', [sentences, 10] BLEU statistics), or None when the row
   names no file (sweeps written before per-example data were kept)."""
   if not relative:
     return None

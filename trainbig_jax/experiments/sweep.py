@@ -14,8 +14,10 @@ Layout of a sweep folder DIR:
   machine.json                  this machine's measured matmul rate (measured once per sweep)
   examples/<cell id>.npz        per-example evaluation sums of a cell ('loss', 'weight',
                                 'correct' arrays over the same validation examples in the
-                                same order for every cell); examples/<size>[/seed<k>]/
+                                same order for every cell; a translation's also 'bleu', each
+                                decoded sentence's BLEU statistics); examples/<size>[/seed<k>]/
                                 pretrain.npz the same for the final pretraining checkpoint
+                                (a translation sweep's is its dense cell's file)
   results.jsonl                 one line per evaluated cell (see experiments/results.py);
                                 `examples` and `pretrain_examples` name its .npz files
 Every stage is resumable: finished runs carry a summary.json, finished cells a line in
@@ -253,15 +255,7 @@ def measure_machine(workdir: Path, progress: Callable[[str], None]) -> dict[str,
 def _append_result(workdir: Path, row: dict[str, Any]) -> None:
   if jax.process_index() != 0:  # every process evaluated the cell; one row records it
     return
-  path = workdir / RESULTS_FILE
-  if path.exists():  # a sweep killed mid-append left a partial last line: cut it off first
-    text = path.read_bytes()
-    if text and not text.endswith(b'\n'):
-      os.truncate(path, text.rfind(b'\n') + 1)
-  with open(path, 'a') as f:
-    f.write(json.dumps(row) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+  files.append_jsonl(workdir / RESULTS_FILE, row)  # a line torn by a kill is cut off first
 
 
 @runlock.holds_run_folder(lambda sweep, workdir, *args, **kwargs: workdir)
@@ -304,8 +298,11 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                                                          run_dir / 'pretrain'))
     progress(f'{tag}: {"trained" if translating else "pretrained"} {pre["step"]} steps, '
              f'eval_loss {pre["eval_loss"]:.3f}' + ('' if translating else '; fine-tuning'))
-    pre_examples = f'{EXAMPLES_DIR}/{cell_id_of(name, seed, "pretrain")}.npz'
-    if not (workdir / pre_examples).exists():  # the final checkpoint's per-sequence losses
+    # The final training checkpoint's per-example values. A translation run is itself the
+    # dense cell, whose evaluation writes them; an MLM run is evaluated here.
+    pre_examples = (f'{EXAMPLES_DIR}/{cell_id_of(name, seed, "dense")}.npz' if translating
+                    else f'{EXAMPLES_DIR}/{cell_id_of(name, seed, "pretrain")}.npz')
+    if not translating and not (workdir / pre_examples).exists():
       _write_examples(workdir, pre_examples,
                       evaluate_checkpoint(run_dir / 'pretrain', per_example=True)['per_example'])
     source = run_dir / 'pretrain'  # what the cells compress: the translation run itself, or
@@ -340,6 +337,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
           'matmul_flops_per_s': machine['matmul_flops_per_s'],
           'pretrain_eval_loss': pre['eval_loss'],
           'examples': examples, 'pretrain_examples': pre_examples,
+          # What pretrain_examples score the training run by (claim 1): MLM loss, or BLEU.
+          'pretrain_metric_name': 'eval_bleu' if translating else 'eval_loss',
           'method': cell['method'], 'sparsity': cell['sparsity'], 'bits': cell['bits'],
           'nonzero_params': result['nonzero_params'], 'stored_bytes': result['stored_bytes'],
           'dense_fp32_bytes': result['dense_fp32_bytes'],

@@ -109,8 +109,7 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
 
 
 def bleu_statistic(stats: np.ndarray) -> float:
-  """Corpus BLEU from summed per-sentence sufficient statistics (sacreBLEU's layout:
-  [hyp_len, ref_len, correct_1..4, total_1..4])."""
-  from sacrebleu.metrics import BLEU
-  return float(BLEU(effective_order=False)._compute_score_from_stats(
-      list(np.sum(stats, axis=0))).score)
+  """Corpus BLEU of a set of sentences from their per-sentence sufficient statistics
+  ([sentences, 10] in sacreBLEU's layout, tasks/translate.BLEU_STATISTICS), summed."""
+  from trainbig_jax.tasks import translate  # the owner of BLEU's statistics; heavy to import
+  return translate.bleu_from_statistics(stats.sum(axis=0))

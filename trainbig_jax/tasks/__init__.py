@@ -21,9 +21,16 @@ run folder's config.json. Every task module defines (the `Task` protocol below):
                                      metrics beyond the summed eval_loss/eval_accuracy (e.g.
                                      eval_bleu from decoding), called under the mesh with
                                      sharded params by the train loop and by `trainbig eval`
+  per_example_metrics_fn(model, config, tokenizer)
+      -> (params -> ({name: float}, {name: array over examples})) | None
+                                     extra_metrics_fn's metrics together with each evaluated
+                                     example's part of them (translation: per-sentence BLEU
+                                     statistics), from the same single pass; None when the
+                                     task's extra metrics have no per-example parts
   train(config, workdir, *, init_checkpoint=None) -> train.loop.Summary
                                      trains or resumes a run in workdir; writes config.json
-                                     with `task_kind` = NAME
+                                     with `task_kind` = NAME (mlm and translate through
+                                     tasks/from_scratch.py)
 
 Evaluation metrics are named: the loop turns the summed eval sums into `eval_loss` and
 `eval_accuracy` (train/loop.evaluate), merges `extra_metrics_fn`'s dict, writes them to
@@ -70,6 +77,9 @@ class Task(Protocol):
   def count_examples(self, batch: dict[str, Any]) -> int: ...
   def extra_metrics_fn(self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any
                        ) -> Callable[[Any], dict[str, float]] | None: ...
+  def per_example_metrics_fn(self, model: Any, config: ml_collections.ConfigDict,
+                             tokenizer: Any) -> Callable[[Any], tuple[dict[str, float],
+                                                                      dict[str, Any]]] | None: ...
   def train(self, config: ml_collections.ConfigDict, workdir: Any, *,
             init_checkpoint: Any = None) -> Any: ...
 

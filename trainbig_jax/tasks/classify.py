@@ -153,6 +153,12 @@ def extra_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
   return metrics
 
 
+def per_example_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
+                           tokenizer: Tokenizer) -> None:
+  """None: the further splits are other examples than the per-example values cover."""
+  return None
+
+
 def load_pretrained(init_checkpoint: str | os.PathLike):
   """(pretrain config, tokenizer, encoder params) of a pretraining run folder."""
   run = Path(init_checkpoint)

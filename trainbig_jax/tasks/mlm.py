@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -13,13 +12,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from trainbig_jax.data import checks, mlm, sources
-from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
+from trainbig_jax import tasks
+from trainbig_jax.data import checks, mlm
+from trainbig_jax.data.tokenizer import Tokenizer
 from trainbig_jax.models.encoder import (ATTENTION, DTYPES, REMAT_POLICIES, Encoder,
                                          encoder_config)
-from trainbig_jax.train import checkpoint, distributed, flops, loop
+from trainbig_jax.tasks import from_scratch
+from trainbig_jax.train import flops, loop
 from trainbig_jax.train.checks import ConfigError, check_train_config, require
-from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import Batch, SumsFn
 
 NAME = 'mlm'
@@ -134,6 +134,12 @@ def extra_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
   return None
 
 
+def per_example_metrics_fn(model: Encoder, config: ml_collections.ConfigDict,
+                           tokenizer: Tokenizer) -> None:
+  """None: the summed loss and accuracy are all its per-example values."""
+  return None
+
+
 def flops_per_step(model: Encoder, config: ml_collections.ConfigDict) -> float:
   """Analytic training FLOPs of one optimizer step (train/flops.analytic_flops): the whole
   batch's positions pass through the encoder, the masked ones through the MLM head."""
@@ -146,29 +152,11 @@ def flops_per_step(model: Encoder, config: ml_collections.ConfigDict) -> float:
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> loop.Summary:
   """Trains (or resumes) an MLM run in `workdir`; returns where it stopped."""
-  check_config(config)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.task_kind = NAME
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  # Process 0 prepares the dataset and tokenizer; the others then open what it wrote.
-  with distributed.primary_first('trainbig:pretrain_prepare'):
-    checkpoint.write_config(workdir, config)
-    sources.prepare(config.data.dataset, config.data.data_dir)
-    tokenizer = train_or_load_tokenizer(config.data, str(workdir))
-    tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
-  checks.check_pretrain_data(config, tokenizer, process_count=jax.process_count())
-  model = build_model(config, tokenizer)
-  index, count = jax.process_index(), jax.process_count()
-  batches = eval_batches(config, tokenizer)
-  job = loop.Job(
-      config=config, workdir=workdir, sums_fn=sums_fn(model, config),
-      init_params=init_params_fn(model, config),
-      train_iterator=mlm.pretrain_train_iterator(config, tokenizer, process_index=index,
-                                                 process_count=count),
-      eval_batches=lambda: batches, tx=make_optimizer(config.train),
-      flops_per_step=flops_per_step(model, config))
-  return loop.run(job)
+  return from_scratch.train(
+      tasks.get_task(NAME), config, workdir, mlm.pretrain_train_iterator,
+      check_data=lambda c, tokenizer: checks.check_pretrain_data(
+          c, tokenizer, process_count=jax.process_count()),
+      flops_per_step=flops_per_step)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,

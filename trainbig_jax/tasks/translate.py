@@ -4,14 +4,15 @@ Training reads packed pairs (data/translation.py) and minimises label-smoothed c
 Evaluation reports `eval_loss` (plain cross-entropy per target token) on the whole
 validation split, and `eval_bleu` / `eval_chrf` (sacreBLEU, detokenized) from decoding the
 first `data.eval_examples` validation pairs with the config's `decode` settings (beam size,
-length penalty). The primary metric is eval_bleu, higher is better.
+length penalty). The primary metric is eval_bleu, higher is better. For paired comparisons
+(the sweep's intervals) the same decoding also gives each sentence's BLEU statistics
+(per_example_metrics_fn).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -19,16 +20,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from sacrebleu.metrics import BLEU
 
-from trainbig_jax.data import sources, translation
-from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
+from trainbig_jax import tasks
+from trainbig_jax.data import translation
+from trainbig_jax.data.tokenizer import Tokenizer
 from trainbig_jax.models import decoding
 from trainbig_jax.models.encoder import DTYPES
 from trainbig_jax.models.encoder_decoder import (POSITION_KINDS, EncoderDecoder,
                                                  encoder_decoder_config, label_smoothed_sums)
-from trainbig_jax.train import checkpoint, distributed, loop, partitioning
+from trainbig_jax.tasks import from_scratch
+from trainbig_jax.train import loop, partitioning
 from trainbig_jax.train.checks import ConfigError, check_train_config, require
-from trainbig_jax.train.state import make_optimizer
 from trainbig_jax.train.steps import Batch, SumsFn
 
 NAME = 'translate'
@@ -127,10 +130,11 @@ def _params_mesh(params: Any) -> tuple[jax.sharding.Mesh, Any]:
   return jax.tree.leaves(shardings)[0].mesh, shardings
 
 
-def extra_metrics_fn(model: EncoderDecoder, config: ml_collections.ConfigDict,
-                     tokenizer: Tokenizer) -> Callable[[Any], dict[str, float]] | None:
-  """params -> {'eval_bleu', 'eval_chrf'} from decoding the first data.eval_examples
-  validation pairs (a fixed subset, so evaluations compare and stay cheap)."""
+def _eval_subset_decoder(model: EncoderDecoder, config: ml_collections.ConfigDict,
+                         tokenizer: Tokenizer
+                         ) -> Callable[[Any], tuple[list[str], list[str]]] | None:
+  """params -> (hypotheses, references) of the first data.eval_examples validation pairs
+  (a fixed subset, so evaluations compare and stay cheap); None when that number is 0."""
   limit = config.data.eval_examples
   if limit == 0:
     return None
@@ -140,7 +144,7 @@ def extra_metrics_fn(model: EncoderDecoder, config: ml_collections.ConfigDict,
   references = [target for _, target in translation.translation_pairs(config, limit=limit)]
   compiled = {}
 
-  def metrics(params):
+  def decode(params):
     mesh, shardings = _params_mesh(params)
     if mesh not in compiled:
       compiled.clear()
@@ -152,8 +156,82 @@ def extra_metrics_fn(model: EncoderDecoder, config: ml_collections.ConfigDict,
       for row, example in enumerate(range(number * global_rows, (number + 1) * global_rows)):
         if example < len(references):
           hypotheses[example] = translation.detokenize(tokenizer, rows[row])
-    scores = translation.corpus_scores(hypotheses, references)
-    return {'eval_bleu': scores['bleu'], 'eval_chrf': scores['chrf']}
+    return hypotheses, references
+  return decode
+
+
+def _scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+  scores = translation.corpus_scores(hypotheses, references)
+  return {'eval_bleu': scores['bleu'], 'eval_chrf': scores['chrf']}
+
+
+def extra_metrics_fn(model: EncoderDecoder, config: ml_collections.ConfigDict,
+                     tokenizer: Tokenizer) -> Callable[[Any], dict[str, float]] | None:
+  """params -> {'eval_bleu', 'eval_chrf'} (sacreBLEU, detokenized) from decoding the first
+  data.eval_examples validation pairs."""
+  decode = _eval_subset_decoder(model, config, tokenizer)
+  if decode is None:
+    return None
+  return lambda params: _scores(*decode(params))
+
+
+# The per-sentence BLEU statistics, in sacreBLEU's order of a segment's statistics: what its
+# corpus BLEU sums over sentences before it computes the score.
+BLEU_STATISTICS = ('hyp_len', 'ref_len', 'correct_1', 'correct_2', 'correct_3', 'correct_4',
+                   'total_1', 'total_2', 'total_3', 'total_4')
+
+
+def sentence_bleu_statistics(hypotheses: Sequence[str], references: Sequence[str]
+                             ) -> np.ndarray:
+  """[sentences, 10] BLEU sufficient statistics (BLEU_STATISTICS) of each detokenized
+  hypothesis against its one reference, from sacreBLEU's own sentence scoring (13a
+  tokenization, as data/translation.corpus_scores): summed over any set of sentences they give that set's
+  corpus BLEU (bleu_from_statistics), which is what a paired bootstrap resamples."""
+  if len(hypotheses) != len(references):
+    raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references; '
+                     'scoring needs one reference per hypothesis.')
+  # effective_order only changes sentence scores, not the statistics; it silences the
+  # warning sacreBLEU gives for sentence-level BLEU without it.
+  bleu = BLEU(effective_order=True)
+  rows = []
+  for hypothesis, reference in zip(hypotheses, references):
+    s = bleu.sentence_score(hypothesis, [reference])
+    rows.append([s.sys_len, s.ref_len, *s.counts, *s.totals])
+  return np.asarray(rows, np.float64).reshape(len(rows), len(BLEU_STATISTICS))
+
+
+# sacreBLEU's corpus_bleu settings (smoothing, n-gram orders), read once: the bootstrap
+# computes a score thousands of times.
+_CORPUS_BLEU = BLEU()
+
+
+def bleu_from_statistics(summed: Sequence[float]) -> float:
+  """Corpus BLEU (sacreBLEU's corpus_bleu settings) from summed BLEU_STATISTICS."""
+  defaults = _CORPUS_BLEU
+  orders = defaults.max_ngram_order
+  summed = np.rint(np.asarray(summed, np.float64)).astype(np.int64).tolist()  # counts
+  return float(BLEU.compute_bleu(
+      correct=summed[2:2 + orders], total=summed[2 + orders:], sys_len=summed[0],
+      ref_len=summed[1], smooth_method=defaults.smooth_method,
+      smooth_value=defaults.smooth_value, effective_order=defaults.effective_order,
+      max_ngram_order=orders).score)
+
+
+def per_example_metrics_fn(model: EncoderDecoder, config: ml_collections.ConfigDict,
+                           tokenizer: Tokenizer
+                           ) -> Callable[[Any], tuple[dict[str, float],
+                                                      dict[str, np.ndarray]]] | None:
+  """params -> (extra_metrics_fn's metrics, {'bleu': per-sentence BLEU statistics}) from one
+  decoding of the same subset; eval_bleu (sacreBLEU's corpus score) is the corpus BLEU of
+  the summed statistics."""
+  decode = _eval_subset_decoder(model, config, tokenizer)
+  if decode is None:
+    return None
+
+  def metrics(params):
+    hypotheses, references = decode(params)
+    return _scores(hypotheses, references), {
+        'bleu': sentence_bleu_statistics(hypotheses, references)}
   return metrics
 
 
@@ -162,26 +240,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   """Trains (or resumes) a translation run in `workdir`; returns where it stopped."""
   if init_checkpoint is not None:
     raise ConfigError('translation trains from scratch; it takes no --init_checkpoint.')
-  check_config(config)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.task_kind = NAME
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  # Process 0 prepares the dataset and the shared tokenizer; the others then open them.
-  with distributed.primary_first('trainbig:translate_prepare'):
-    checkpoint.write_config(workdir, config)
-    sources.prepare(config.data.dataset, config.data.data_dir)
-    tokenizer = train_or_load_tokenizer(config.data, str(workdir))
-    tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
-  model = build_model(config, tokenizer)
-  index, count = jax.process_index(), jax.process_count()
-  batches = eval_batches(config, tokenizer)
-  job = loop.Job(
-      config=config, workdir=workdir, sums_fn=sums_fn(model, config),
-      init_params=init_params_fn(model, config),
-      train_iterator=translation.translation_train_iterator(config, tokenizer,
-                                                            process_index=index,
-                                                            process_count=count),
-      eval_batches=lambda: batches, tx=make_optimizer(config.train),
-      extra_metrics=extra_metrics_fn(model, config, tokenizer))
-  return loop.run(job)
+  return from_scratch.train(tasks.get_task(NAME), config, workdir,
+                            translation.translation_train_iterator)

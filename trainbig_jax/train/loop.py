@@ -145,7 +145,15 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict[str, flo
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split gave no batches.')
-  totals = jax.device_get(totals)
+  return summed_metrics(jax.device_get(totals))
+
+
+# The metrics every task's evaluation sums give (the loss and correct sums over their weight).
+SUMMED_METRICS = ('eval_loss', 'eval_accuracy')
+
+
+def summed_metrics(totals: dict[str, Any]) -> dict[str, float]:
+  """SUMMED_METRICS of evaluation sums totalled over a split."""
   weight = max(float(totals['weight']), 1.0)
   return {'eval_loss': float(totals['loss']) / weight,
           'eval_accuracy': float(totals['correct']) / weight}
