@@ -84,6 +84,9 @@ def test_every_size_is_trained_compressed_and_scored_on_bleu(translation_sweep):
   for r in rows:
     assert r['task'] == 'translate' and r['metric_name'] == 'eval_bleu'
     assert r['higher_is_better'] and 0.0 <= r['metric'] <= 100.0
+    # Rows carry the task's named metrics, not only the primary one.
+    assert r['eval_bleu'] == r['metric'] and 0.0 <= r['eval_chrf'] <= 100.0
+    assert r['eval_loss'] > 0.0
     assert r['majority_accuracy'] is None
     assert (translation_sweep / r['examples']).exists()
   # No fine-tuning stage: the cells compress the translation run itself.

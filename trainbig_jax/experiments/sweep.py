@@ -342,7 +342,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | os.PathLike,
           'method': cell['method'], 'sparsity': cell['sparsity'], 'bits': cell['bits'],
           'nonzero_params': result['nonzero_params'], 'stored_bytes': result['stored_bytes'],
           'dense_fp32_bytes': result['dense_fp32_bytes'],
-          'accuracy': result['eval_accuracy'], 'eval_loss': result['eval_loss'],
+          'accuracy': result['eval_accuracy'],
+          # Every named evaluation metric (eval_loss; eval_bleu and eval_chrf for translation).
+          **{k: v for k, v in result.items()
+             if k.startswith('eval_') and k not in ('eval_examples', 'eval_seconds')},
           'task': result['task'], 'majority_accuracy': majority,
           # The task's primary metric, so claims and figures need not know the task.
           'metric_name': result['primary_metric'], 'metric': result[result['primary_metric']],
