@@ -59,7 +59,8 @@ CLAIM_TEXT = {
         'For an equal pretraining budget (wall-clock by default; FLOPs or tokens), the '
         'largest model reaches the lowest validation MLM loss.',
     'bigger_more_robust_to_compression':
-        'The largest model loses the least accuracy under pruning and quantization.',
+        'The largest model loses the least of its metric (accuracy, BLEU) under pruning and '
+        'quantization.',
     'compressed_big_beats_small_at_equal_size':
         'At an equal stored size, a compressed largest model beats the smaller models.',
 }

@@ -271,7 +271,8 @@ def _budget_table(results: Sequence[Row], machine: Mapping[str, Any]) -> list[st
   out += ['| model | steps | tokens | FLOPs | seconds |', '| --- | ---: | ---: | ---: | ---: |']
   for m, spent in b['spent'].items():
     cells = [f'{spent[k]:,.0f}' if k in spent else '-' for k in ('steps', 'tokens')]
-    cells += [f'{spent[k]:.3g}' if k in spent else '-' for k in ('flops', 'wall_s')]
+    # A task that does not count its FLOPs (translation) records 0: shown as not counted.
+    cells += [f'{spent[k]:.3g}' if spent.get(k) else '-' for k in ('flops', 'wall_s')]
     out.append(f'| {_md(m)} | ' + ' | '.join(cells) + ' |')
   return out
 
@@ -381,7 +382,7 @@ def write_report(sweep_dir: str | Path, rules: str = 'interval') -> Path:
            '(over evaluation examples, and over seeds when there are several).', '']
   metric = claims_lib.metric_name(results)  # the task's primary metric
   captions = {
-      'loss_vs_time.png': 'Validation MLM loss vs wall-clock time and vs steps',
+      'loss_vs_time.png': 'Validation loss of the training runs vs wall-clock time and vs steps',
       'prune_accuracy.png': f'{metric[0].upper()}{metric[1:]} vs nonzero parameters under '
                             f'magnitude pruning',
       'quant_accuracy.png': f'{metric[0].upper()}{metric[1:]} vs stored size under weight '
