@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices (so sharded code runs on every test) and a
 session-wide data folder where the embedded corpora are prepared once."""
 
+import contextlib
 import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -34,3 +35,35 @@ def tiny_run(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp('tiny_run')
   pretrain(c, workdir)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def compilation_cache(tmp_path_factory):
+  """A context manager: inside it, compiled XLA programs are kept in a folder of this session
+  and reused, in this process and in the processes it starts. Runs that repeat a program
+  (another seed, a compressed cell of the same shapes, the next CLI call of a notebook) then
+  load it instead of compiling it again; results are unchanged (same program, same inputs).
+  Opt-in: tests that count or inspect compilations keep compiling as they always did."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  # Every program is kept, however small or quick to compile.
+  settings = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache')),
+              'jax_persistent_cache_min_compile_time_secs': 0.0,
+              'jax_persistent_cache_min_entry_size_bytes': -1}
+
+  @contextlib.contextmanager
+  def enabled():
+    old = {name: getattr(jax.config, name) for name in settings}
+    with pytest.MonkeyPatch.context() as mp:
+      for name, value in settings.items():
+        jax.config.update(name, value)
+        mp.setenv(name.upper(), str(value))  # read by JAX in processes started from here
+      cc.reset_cache()  # initialised again from the settings above at the next compile
+      try:
+        yield settings['jax_compilation_cache_dir']
+      finally:
+        for name, value in old.items():
+          jax.config.update(name, value)
+        cc.reset_cache()
+
+  return enabled

@@ -27,6 +27,13 @@ EXPECTED = [f'{m}/{seed}{c}' for m in ('L1_H32', 'L2_H64') for seed in ('', 'see
             for c in CELLS]
 
 
+@pytest.fixture(scope='module', autouse=True)
+def reuse_compiled_programs(compilation_cache):
+  """Both seeds of a size, and the cells of a size, run the same programs: compiled once."""
+  with compilation_cache():
+    yield
+
+
 class Interrupted(Exception):
   pass
 
