@@ -42,6 +42,13 @@ def pretrained(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope='module', autouse=True)
+def reuse_compiled_programs(compilation_cache):
+  """The evaluations of same-shaped classifiers run one program: compiled once."""
+  with compilation_cache():
+    yield
+
+
 def demo(**overrides):
   """The 'demo' fine-tuning preset, shortened for tests; overrides as 'section.name': value."""
   c = finetune_configs.get_config('demo')
@@ -173,7 +180,7 @@ def _get(tree, path):
 
 def test_qat_accuracy_is_the_accuracy_of_the_quantized_checkpoint(pretrained, tmp_path):
   workdir = tmp_path / 'qat'
-  c = demo(**{'train.total_steps': 200, 'train.eval_every': 100, 'train.learning_rate': 2e-3,
+  c = demo(**{'train.total_steps': 60, 'train.eval_every': 30, 'train.learning_rate': 2e-3,
               'compression.qat.bits': 4})
   finetune(c, pretrained, workdir)
   reported = best_metrics(workdir)

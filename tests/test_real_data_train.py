@@ -45,6 +45,13 @@ PREPARE, TRAIN_WIKI, FINETUNE_MNLI, TRAIN_FILES, FINETUNE_FILES = (
 )
 
 
+@pytest.fixture(scope='module', autouse=True)
+def reuse_compiled_programs(compilation_cache):
+  """The commands' evaluations of same-shaped models run one program: compiled once."""
+  with compilation_cache():
+    yield
+
+
 def readme_data_commands() -> list[str]:
   section = (REPO / 'README.md').read_text().split('\n### Data\n')[1].split('\n### ')[0]
   return [line.strip() for line in section.splitlines() if line.startswith('trainbig ')]
