@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from trainbig_jax import files
 from trainbig_jax.data import checks, mlm, sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from trainbig_jax.models.encoder import (ATTENTION, DTYPES, REMAT_POLICIES, Encoder,
@@ -150,14 +151,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
   config = ml_collections.ConfigDict(config.to_dict())
   config.task_kind = NAME
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  # Process 0 prepares the dataset and tokenizer; the others then open what it wrote.
-  with distributed.primary_first('trainbig:pretrain_prepare'):
-    checkpoint.write_config(workdir, config)
-    sources.prepare(config.data.dataset, config.data.data_dir)
-    tokenizer = train_or_load_tokenizer(config.data, str(workdir))
-    tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
-  checks.check_pretrain_data(config, tokenizer, process_count=jax.process_count())
+  with files.removed_on_failure(workdir, remove=jax.process_index() == 0):
+    # Process 0 prepares the dataset and tokenizer; the others then open what it wrote.
+    with distributed.primary_first('trainbig:pretrain_prepare'):
+      checkpoint.write_config(workdir, config)
+      sources.prepare(config.data.dataset, config.data.data_dir)
+      tokenizer = train_or_load_tokenizer(config.data, str(workdir))
+      tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
+    checks.check_pretrain_data(config, tokenizer, process_count=jax.process_count())
   model = build_model(config, tokenizer)
   index, count = jax.process_index(), jax.process_count()
   batches = eval_batches(config, tokenizer)

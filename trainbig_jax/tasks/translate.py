@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from trainbig_jax import files
 from trainbig_jax.data import sources, translation
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from trainbig_jax.models import decoding
@@ -166,9 +167,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   config = ml_collections.ConfigDict(config.to_dict())
   config.task_kind = NAME
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   # Process 0 prepares the dataset and the shared tokenizer; the others then open them.
-  with distributed.primary_first('trainbig:translate_prepare'):
+  with files.removed_on_failure(workdir, remove=jax.process_index() == 0), \
+       distributed.primary_first('trainbig:translate_prepare'):
     checkpoint.write_config(workdir, config)
     sources.prepare(config.data.dataset, config.data.data_dir)
     tokenizer = train_or_load_tokenizer(config.data, str(workdir))
