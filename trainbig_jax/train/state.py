@@ -116,13 +116,13 @@ def check_params_fit(params: PyTree, init_params: Callable[[jax.Array], PyTree],
   """Refuses a parameter tree whose names or shapes are not those of the model it is loaded
   into (no allocation), naming the first parameter that differs.
 
-  Flax would fail deep inside the first apply, and a mismatch that broadcasts or an
-  embedding lookup past its rows (clamped by XLA) would even run: a run folder whose
-  tokenizer.model or config.json was replaced must not evaluate. `source` names the
-  checkpoint, `model_from` what the model was built from.
+  Without it, a run folder whose tokenizer.model or config.json was replaced fails deep
+  inside the model's first apply, in a Flax traceback. `source` names the checkpoint,
+  `model_from` what the model was built from.
   """
   abstract = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
-  want = {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  want = {path_str(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   got = {path_str(k): tuple(np.shape(v))
          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   for name in sorted(want.keys() | got.keys()):
