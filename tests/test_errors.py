@@ -15,11 +15,13 @@ from trainbig_jax.configs import compress as compress_configs
 from trainbig_jax.configs import finetune as finetune_configs
 from trainbig_jax.configs import pretrain as pretrain_configs
 from trainbig_jax.configs import sweep as sweep_configs
+from trainbig_jax.data.tokenizer import train_tokenizer
 from trainbig_jax.evaluate import evaluate_checkpoint
 from trainbig_jax.experiments.sweep import run_sweep
 from trainbig_jax.train import runlock
 from trainbig_jax.tasks.classify import finetune
 from trainbig_jax.tasks.mlm import pretrain
+from trainbig_jax.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,15 +61,29 @@ def _copy(src: Path, dst: Path) -> Path:
   return dst
 
 
-def _alter_newest_array(run: Path) -> None:
+def _truncate_newest_array(run: Path) -> None:
+  # Truncated, not altered: flipped bytes can land in chunk data read back without a
+  # checksum and restore silently (see test_faults.damaged).
   step = max((p for p in (run / 'checkpoints').iterdir() if p.name.isdigit()),
              key=lambda p: int(p.name))
   path = max((p for p in (step / 'state').rglob('*') if p.is_file() and '/d/' in str(p)),
              key=lambda p: p.stat().st_size)
-  data = bytearray(path.read_bytes())
-  for i in range(100, len(data), 997):
-    data[i] ^= 0xFF
-  path.write_bytes(bytes(data))
+  os.truncate(path, path.stat().st_size // 3)
+
+
+def _other_tokenizer(tmp: Path) -> Path:
+  """A valid tokenizer of 300 pieces (the tiny runs have 512), trained on this repo's README."""
+  lines = [l for l in (ROOT / 'README.md').read_text().splitlines() if l.strip()]
+  path = tmp / 'other_tokenizer' / 'tokenizer.model'
+  train_tokenizer(iter(lines), 300, path, num_threads=1)
+  return path
+
+
+def _files_config(tiny, tmp: Path, pattern: str):
+  tiny.data.dataset = f'files:{tmp / "corpus" / pattern}'
+  tiny.data.data_dir = str(tmp / 'data')  # inside tmp: the test sees anything left there
+  (tmp / 'corpus').mkdir()
+  return tiny
 
 
 def _tamper_payload(out: Path) -> None:
@@ -108,6 +124,31 @@ def _target(name: str, run: Path, compressed: Path, tmp: Path):
     target = _copy(run, tmp / 'run')
     (target / 'tokenizer.model').write_bytes(b'not a model')
     return lambda: evaluate_checkpoint(target)
+  if name == 'files_no_match':
+    _files_config(tiny, tmp, 'nothing*.txt')
+    return lambda: pretrain(tiny, tmp / 'run')
+  if name == 'files_not_utf8':
+    _files_config(tiny, tmp, '*.txt')
+    (tmp / 'corpus' / 'bad.txt').write_bytes(
+        'First line.\nSecond line.\nCaf\u00e9 au lait.\n'.encode('latin-1'))
+    return lambda: pretrain(tiny, tmp / 'run')
+  if name == 'files_empty':
+    _files_config(tiny, tmp, '*.txt')
+    (tmp / 'corpus' / 'empty.txt').write_text('')
+    return lambda: pretrain(tiny, tmp / 'run')
+  if name == 'pretrain_other_tokenizer':
+    tiny.data.tokenizer_path = str(_other_tokenizer(tmp))
+    return lambda: pretrain(tiny, tmp / 'run')
+  if name in ('eval_other_tokenizer', 'finetune_other_tokenizer'):
+    target = _copy(run, tmp / 'run')
+    shutil.copyfile(_other_tokenizer(tmp), target / 'tokenizer.model')
+    if name == 'eval_other_tokenizer':
+      return lambda: evaluate_checkpoint(target)
+    ft = finetune_configs.get_config('demo')
+    ft.max_len = 32
+    return lambda: finetune(ft, target, tmp / 'ft')
+  if name == 'translate_mlm_run':
+    return lambda: Translator(run)
   compress_cfg = compress_configs.get_config('int8')
   if name == 'compress_out_exists':
     (tmp / 'out').mkdir()
@@ -118,7 +159,7 @@ def _target(name: str, run: Path, compressed: Path, tmp: Path):
     return lambda: compress_checkpoint(tmp / 'empty', compress_cfg, tmp / 'out')
   if name in ('compress_damaged', 'eval_damaged', 'finetune_damaged'):
     target = _copy(run, tmp / 'run')
-    _alter_newest_array(target)
+    _truncate_newest_array(target)
     return {'compress_damaged': lambda: compress_checkpoint(target, compress_cfg, tmp / 'out'),
             'eval_damaged': lambda: evaluate_checkpoint(target),
             'finetune_damaged': lambda: finetune(finetune_configs.get_config('demo'), target,

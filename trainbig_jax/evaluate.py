@@ -27,7 +27,7 @@ from trainbig_jax.compress.int8 import int8_eval_inputs
 from trainbig_jax.data.tokenizer import load_tokenizer
 from trainbig_jax.models import layer_stack
 from trainbig_jax.train import checkpoint, loop, partitioning
-from trainbig_jax.train.state import params_shardings
+from trainbig_jax.train.state import check_params_fit, params_shardings
 from trainbig_jax.train.steps import make_eval_step
 
 
@@ -89,6 +89,8 @@ def evaluate_checkpoint(path: str | os.PathLike, int8: bool = False,
   # Per-layer, as restore_params and compressed checkpoints give the parameters.
   config.model = layer_stack.per_layer_model_config(config.model)
   model = task.build_model(config, tokenizer)
+  check_params_fit(params, task.init_params_fn(model, config), str(path),
+                   f'its config and tokenizer ({tokenizer.vocab_size} pieces)')
   sums_fn = task.sums_fn(model, config)
   batches = task.eval_batches(config, tokenizer)
   mesh = _mesh_for(config)

@@ -4,14 +4,18 @@ Every file the project writes whole (configs, summaries, tokenizers, rewritten m
 through `atomic_write`; every JSONL file it reads (metrics.jsonl, results.jsonl) through
 `read_jsonl`, which tolerates exactly what an interrupted append leaves behind; a record that
 must survive a crash once written (a sweep's results line) is added with `append_jsonl`,
-which first cuts off what an interrupted earlier append left.
+which first cuts off what an interrupted earlier append left. A run folder is set up inside
+`removed_on_failure`, so a failed setup leaves no folder that looks like a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,28 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
+    raise
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | os.PathLike, remove: bool = True) -> Iterator[Path]:
+  """Creates `folder` (and missing parents) for the block; if the block raises, removes what
+  it created, with everything written there, so a command that fails while setting up (bad
+  data, a tokenizer of the wrong size) leaves no half-made run folder behind. A folder that
+  existed before (a run being resumed) is never removed, nor anything when `remove` is False
+  (the processes of a job other than the first, which share the folder).
+  """
+  folder = Path(folder).absolute()
+  top = folder  # the outermost folder this call creates
+  while not top.parent.exists():
+    top = top.parent
+  created = not folder.exists()
+  folder.mkdir(parents=True, exist_ok=True)
+  try:
+    yield folder
+  except Exception:
+    if created and remove:
+      shutil.rmtree(top, ignore_errors=True)
     raise
 
 

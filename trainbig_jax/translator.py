@@ -24,7 +24,7 @@ from trainbig_jax.data.tokenizer import load_tokenizer
 from trainbig_jax.evaluate import _mesh_for
 from trainbig_jax.tasks import translate as translate_task
 from trainbig_jax.train import checkpoint
-from trainbig_jax.train.state import params_shardings
+from trainbig_jax.train.state import check_params_fit, params_shardings
 
 
 class Translator:
@@ -43,6 +43,8 @@ class Translator:
     self.tokenizer = load_tokenizer(str(path / checkpoint.TOKENIZER_FILE))
     params, _ = load_checkpoint_params(path)
     model = translate_task.build_model(self.config, self.tokenizer)
+    check_params_fit(params, translate_task.init_params_fn(model, self.config), str(path),
+                     f'its config and tokenizer ({self.tokenizer.vocab_size} pieces)')
     mesh = _mesh_for(self.config)
     shardings = params_shardings(translate_task.init_params_fn(model, self.config), mesh)
     self.params = jax.device_put(params, shardings)

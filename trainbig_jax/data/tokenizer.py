@@ -189,7 +189,15 @@ def train_or_load_tokenizer(data_config: ml_collections.ConfigDict, workdir: str
   new one trained on the train split of `data_config.dataset` (both languages of a translation
   config) and saved there."""
   if data_config.tokenizer_path:
-    return load_tokenizer(data_config.tokenizer_path)
+    # The model's embedding has data.vocab_size rows (config.json records it): a tokenizer of
+    # another size would train a model that its own config misdescribes.
+    tokenizer = load_tokenizer(data_config.tokenizer_path)
+    if tokenizer.vocab_size != data_config.vocab_size:
+      raise TokenizerError(
+          f'data.tokenizer_path={data_config.tokenizer_path} has vocab_size '
+          f'{tokenizer.vocab_size} but data.vocab_size={data_config.vocab_size}; set '
+          f'data.vocab_size={tokenizer.vocab_size} or give a tokenizer of that size.')
+    return tokenizer
   path = Path(workdir) / TOKENIZER_FILENAME
   if path.exists():
     tokenizer = load_tokenizer(path)

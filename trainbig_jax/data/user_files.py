@@ -226,8 +226,11 @@ def _read_parallel_files(paths: tuple[str, ...], langs: tuple[str, str]
 def read_records(spec: FilesSpec) -> Iterator[tuple[str, dict[str, Any]]]:
   """(key, record) of every example of `spec`, in sorted-file order."""
   if spec.kind == 'parallel_files':
-    for i, record in enumerate(_read_parallel_files(spec.paths, spec.langs)):
-      yield f'{i}', record
+    try:
+      for i, record in enumerate(_read_parallel_files(spec.paths, spec.langs)):
+        yield f'{i}', record
+    except UnicodeDecodeError:
+      raise _not_utf8(*spec.paths) from None
     return
   for path in spec.paths:
     if spec.kind == 'parallel_tsv':
@@ -235,8 +238,27 @@ def read_records(spec: FilesSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     else:
       records = {'text': _read_text, 'json': _read_json, 'parquet': _read_parquet,
                  'csv': _read_csv}[spec.kind](path)
-    for i, record in enumerate(records):
-      yield f'{path}:{i}', record
+    try:
+      for i, record in enumerate(records):
+        yield f'{path}:{i}', record
+    except UnicodeDecodeError:
+      raise _not_utf8(path) from None
+
+
+def _not_utf8(*paths: str) -> UserFilesError:
+  """The error for text that failed to decode: the first of `paths` with a line that is not
+  UTF-8, by line number (the decoder's own position counts from a read buffer, not the file)."""
+  for path in paths:
+    with open(path, 'rb') as f:
+      for number, line in enumerate(f, 1):
+        try:
+          line.decode('utf-8')
+        except UnicodeDecodeError as e:
+          return UserFilesError(
+              f'{path}:{number} is not UTF-8 text (byte 0x{line[e.start]:02x} at column '
+              f'{e.start + 1}); convert the file to UTF-8, e.g. with iconv.')
+  return UserFilesError(f'{", ".join(paths)}: not UTF-8 text; convert to UTF-8, e.g. with '
+                        'iconv.')
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from trainbig_jax import files
 from trainbig_jax.compress import prune, quantize
 from trainbig_jax.data import checks, classification, sources
 from trainbig_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -222,14 +223,14 @@ def finetune(config: ml_collections.ConfigDict, init_checkpoint: str | os.PathLi
   # An incompatible checkpoint fails here, before anything is written (abstract: no compute).
   jax.eval_shape(init_params, jax.random.key(0))
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  with distributed.primary_first('trainbig:finetune_prepare'):
-    checkpoint.write_config(workdir, config)
-    tokenizer.copy_to(str(workdir))
-    sources.prepare(spec.dataset, config.data_dir)
-  checks.check_classification_data(spec, config.data_dir, tokenizer,
-                                   global_batch=config.train.batch_size,
-                                   process_count=jax.process_count())
+  with files.removed_on_failure(workdir, remove=jax.process_index() == 0):
+    with distributed.primary_first('trainbig:finetune_prepare'):
+      checkpoint.write_config(workdir, config)
+      tokenizer.copy_to(str(workdir))
+      sources.prepare(spec.dataset, config.data_dir)
+    checks.check_classification_data(spec, config.data_dir, tokenizer,
+                                     global_batch=config.train.batch_size,
+                                     process_count=jax.process_count())
 
   tx = make_optimizer(config.train)
   p, q = config.compression.prune, config.compression.qat

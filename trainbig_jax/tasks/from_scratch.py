@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from trainbig_jax import files
 from trainbig_jax.data import sources
 from trainbig_jax.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from trainbig_jax.tasks import Task
@@ -41,14 +42,15 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | os.PathL
   config = ml_collections.ConfigDict(config.to_dict())
   config.task_kind = task.NAME
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  with distributed.primary_first(f'trainbig:{task.NAME}_prepare'):
-    checkpoint.write_config(workdir, config)
-    sources.prepare(config.data.dataset, config.data.data_dir)
-    tokenizer = train_or_load_tokenizer(config.data, str(workdir))
-    tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
-  if check_data is not None:
-    check_data(config, tokenizer)
+  # A setup that fails (bad data, a tokenizer of the wrong size) leaves no half-made run folder.
+  with files.removed_on_failure(workdir, remove=jax.process_index() == 0):
+    with distributed.primary_first(f'trainbig:{task.NAME}_prepare'):
+      checkpoint.write_config(workdir, config)
+      sources.prepare(config.data.dataset, config.data.data_dir)
+      tokenizer = train_or_load_tokenizer(config.data, str(workdir))
+      tokenizer.copy_to(workdir)  # the tokenizer travels with every checkpoint
+    if check_data is not None:
+      check_data(config, tokenizer)
   model = task.build_model(config, tokenizer)
   batches = task.eval_batches(config, tokenizer)
   job = loop.Job(

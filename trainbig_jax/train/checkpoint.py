@@ -16,6 +16,7 @@ training resumes from the newest one that restores.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import re
 import sys
@@ -76,6 +77,9 @@ def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
          progress: dict[str, Any]) -> None:
   previous = mngr.latest_step()
+  # Before the save, not after it fails: the reports of its abandoned writes can come before
+  # the failure reaches the except clause below.
+  ignore_abandoned_writes()
   # A failed save is reported below in one line; Orbax would also log it with its traceback.
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.FATAL)
@@ -86,7 +90,6 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
         progress=ocp.args.JsonSave(progress)), force=True)
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # disk full, permissions, ...
-    ignore_abandoned_reads()  # the other writes of the failed save end in a closed loop too
     kept = (f'checkpoint step {previous} is intact' if previous is not None
             else 'no earlier checkpoint exists')
     raise CheckpointSaveError(
@@ -156,6 +159,33 @@ def ignore_abandoned_reads() -> None:
       previous_unraisablehook(unraisable)
   excepthook.ignores_abandoned_reads = True
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def ignore_abandoned_writes() -> None:
+  """Silences the reports of the other writes of a failed Orbax save; the save's own error
+  is what the user gets, in one line.
+
+  When one write of a save fails (disk full, no permission), Orbax stops waiting for the
+  others: those still running in TensorStore's threads end in the save's closed event loop
+  (see ignore_abandoned_reads), and those already failed are asyncio tasks and futures
+  nobody awaits, which asyncio logs ('Task exception was never retrieved', '_GatheringFuture
+  exception ...') whenever the garbage collector frees them, often after the one-line error.
+  Only those whose error names a step's temporary folder (an unfinished save) are dropped;
+  every other asyncio error is logged.
+  """
+  ignore_abandoned_reads()
+  asyncio_logger = pylogging.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedWriteFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedWriteFilter())
+
+
+class _AbandonedWriteFilter(pylogging.Filter):
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    abandoned = ('exception was never retrieved' in str(record.msg)
+                 and exc is not None and ocp.path.atomicity.TMP_DIR_SUFFIX in str(exc))
+    return not abandoned
 
 
 def _set_aside(step_dir: Path) -> Path:

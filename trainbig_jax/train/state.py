@@ -14,11 +14,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from trainbig_jax.models.layout import path_str
 from trainbig_jax.train import partitioning
+from trainbig_jax.train.checkpoint import CheckpointError
 
 PyTree = Any
 
@@ -107,6 +109,30 @@ def params_shardings(init_params: Callable[[jax.Array], PyTree], mesh: Mesh) -> 
   """NamedShardings of the parameter tree, from its logical axis names (no allocation)."""
   abstract = jax.eval_shape(init_params, jax.random.key(0))
   return partitioning.logical_shardings(nn.get_partition_spec(abstract), mesh)
+
+
+def check_params_fit(params: PyTree, init_params: Callable[[jax.Array], PyTree], source: str,
+                     model_from: str) -> None:
+  """Refuses a parameter tree whose names or shapes are not those of the model it is loaded
+  into (no allocation), naming the first parameter that differs.
+
+  Without it, a run folder whose tokenizer.model or config.json was replaced fails deep
+  inside the model's first apply, in a Flax traceback. `source` names the checkpoint,
+  `model_from` what the model was built from.
+  """
+  abstract = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+  want = {path_str(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  got = {path_str(k): tuple(np.shape(v))
+         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name in sorted(want.keys() | got.keys()):
+    if want.get(name) == got.get(name):
+      continue
+    held = (f'holds {name} of shape {got[name]}' if name in got
+            else f'has no parameter {name}')
+    needed = f'needs {want[name]}' if name in want else 'has no such parameter'
+    raise CheckpointError(f'{source} {held}, but the model made from {model_from} {needed}: '
+                          'put back the files the run was trained with.')
 
 
 def _follow_param_shardings(opt_state, params, param_shardings, replicated):
