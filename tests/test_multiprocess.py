@@ -6,7 +6,7 @@ checkpoints hold one data position (the job's, written once) and restore, and a 
 written with per-process data positions is refused in one line. Resuming on another process
 count, a preempted process and a lost one: tests/test_elastic.py.
 
-About 30 s on 2 cores (one launch of 2 processes).
+About 45 s of CPU time (one launch of 2 processes).
 """
 
 import json
