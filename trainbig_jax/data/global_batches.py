@@ -14,8 +14,8 @@ repeated or skipped; a run on 1 process and on 8 sees the same batches.
 What it costs: every process reads, tokenizes and packs the whole stream (and masks whole
 batches) to keep its 1/process_count of the rows, so the host work per process does not
 shrink as processes are added. Grain worker processes (`data.worker_count`) spread that work
-over a host's cores; it pays off once one host's share of a step takes less time than its
-pipeline.
+over a host's cores; they are needed once building a whole global batch takes longer than a
+training step (benchmarks/train_throughput.py reports the ratio as pipeline_over_step).
 """
 
 from __future__ import annotations
