@@ -144,7 +144,8 @@ def launch(*args: str, processes: int = 2, devices: int = 4) -> list[dict]:
   printed last, by process index (the launch must succeed)."""
   cmd = [sys.executable, str(LAUNCHER), f'--processes={processes}',
          f'--devices_per_process={devices}', *args]
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+  # The timeout guards against a hang; a loaded machine can take minutes.
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=os.environ.copy())
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
   summaries = {}
