@@ -1,22 +1,35 @@
-"""The shared train loop on synthetic MLM batches whose *global* batch at step s does not
-depend on the number of processes: each process takes its own rows of the same global batch.
+"""`trainbig train` of the tiny MLM preset (tasks.mlm.pretrain, the real data pipeline) as
+one process of a job, with a fault injected on request and every batch it draws recorded.
 
-This isolates the multi-process runtime (sharded state, cross-process collectives, per-process
-checkpoint items) from the data pipeline, whose per-process document sharding makes real
-batches differ between process counts. Run as a script by launch/local_multiprocess.py
-(`--script`), or call `train` in-process for the single-process reference.
+Run as a script, one per process (`launch`, i.e. launch/local_multiprocess.py `--script`, or
+started one by one by a test), or call `train` in the test's own process for a
+single-process run:
 
-  python tests/multiprocess_worker.py WORKDIR TOTAL_STEPS CHECKPOINT_EVERY [SIGTERM_AT]
+  python tests/multiprocess_worker.py WORKDIR TOTAL_STEPS CHECKPOINT_EVERY MESH RUN [FAULT]
 
-SIGTERM_AT=P:S makes process P send itself SIGTERM while fetching the batch of step S+1, as
-a preempted host would: every process must then stop after that step and checkpoint it.
+  python tests/multiprocess_worker.py vanish
+
+makes process 1 SIGKILL itself as soon as the job has formed while the others wait for it at
+a barrier, which only the distributed runtime's heartbeats can end.
+
+MESH is the mesh shape, e.g. 1,8,1. RUN names this run of the folder in the record.
+FAULT=SIGNAL:P:N (SIGTERM or SIGKILL) makes process P send itself SIGNAL while fetching the
+(N+1)-th batch of this run (read-ahead off: the batch of step N+1 of a fresh run), as a
+preempted or lost host would. Each process appends a
+digest of every row of every batch it draws to WORKDIR.batches/process_P-of-N.jsonl;
+`read_global_batches` puts the processes' blocks back together, so a test can check which
+examples each run saw, in which order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,84 +43,139 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from trainbig_jax.configs import pretrain as pretrain_configs  # noqa: E402
-from trainbig_jax.data.mlm import mask_tokens  # noqa: E402
-from trainbig_jax.models.encoder import Encoder, encoder_config  # noqa: E402
-from trainbig_jax.tasks.mlm import encoder_init_fn, mlm_sums  # noqa: E402
+from trainbig_jax.data import mlm  # noqa: E402
+from trainbig_jax.tasks import mlm as mlm_task  # noqa: E402
 from trainbig_jax.train import loop  # noqa: E402
-from trainbig_jax.train.state import make_optimizer  # noqa: E402
 
-SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask as in data/tokenizer.py
-MASK_ID = 4
-
-
-def global_batch(step: int, batch_size: int, seq_len: int, vocab_size: int,
-                 seed: int = 0) -> dict[str, np.ndarray]:
-  """The whole batch of `step`, identical on every process whatever their number."""
-  rng = np.random.default_rng([seed, step])
-  tokens = rng.integers(len(SPECIAL_IDS), vocab_size, size=(batch_size, seq_len))
-  return mask_tokens(tokens, rng, vocab_size=vocab_size, mask_id=MASK_ID,
-                     special_ids=SPECIAL_IDS)
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / 'launch' / 'local_multiprocess.py'
+WORKER = Path(__file__).resolve()
 
 
-class RowsOfGlobalBatches:
-  """This process's rows of each global batch. The state records both the step and the
-  rows, so a process restored with another process's state would read the wrong rows."""
+def row_digests(batch: dict[str, np.ndarray]) -> list[str]:
+  """One short digest per row over everything the step reads (inputs, targets, weights)."""
+  keys = sorted(batch)
+  return [hashlib.sha1(b''.join(np.ascontiguousarray(batch[k][i]).tobytes() for k in keys))
+          .hexdigest()[:16] for i in range(len(batch[keys[0]]))]
 
-  def __init__(self, batch_size: int, seq_len: int, vocab_size: int,
-               sigterm_at_step: int | None = None):
-    self._shape = (batch_size, seq_len, vocab_size)
-    self._sigterm_at_step = sigterm_at_step
-    per_process = batch_size // jax.process_count()
-    start = jax.process_index() * per_process
-    self._state = {'step': 0, 'rows': [start, start + per_process]}
+
+def record_dir(workdir: str | Path) -> Path:
+  return Path(f'{workdir}.batches')
+
+
+class RecordedBatches:
+  """The train iterator, recording each batch drawn and signalling itself on request; its
+  state is the pipeline's own, so any run (the CLI's too) resumes a folder it wrote."""
+
+  def __init__(self, inner, record_path: Path, run: str,
+               signal_at: tuple[int, int] | None = None):
+    self._inner, self._drawn = inner, 0
+    self._record_path, self._run, self._signal_at = record_path, run, signal_at
 
   def __next__(self) -> dict[str, np.ndarray]:
-    start, stop = self._state['rows']
-    if self._state['step'] == self._sigterm_at_step:
-      os.kill(os.getpid(), signal.SIGTERM)
-    batch = global_batch(self._state['step'], *self._shape)
-    self._state = {**self._state, 'step': self._state['step'] + 1}
-    return {k: v[start:stop] for k, v in batch.items()}
+    if self._signal_at is not None and self._drawn == self._signal_at[1]:
+      os.kill(os.getpid(), self._signal_at[0])
+    batch = next(self._inner)
+    self._drawn += 1
+    with open(self._record_path, 'a') as f:
+      f.write(json.dumps({'run': self._run, 'rows': row_digests(batch)}) + '\n')
+    return batch
 
-  def get_state(self) -> dict[str, Any]:
-    return dict(self._state)
+  def get_state(self) -> Any:
+    return self._inner.get_state()
 
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._state = dict(state)
+  def set_state(self, state: Any) -> None:
+    self._inner.set_state(state)
 
 
-def config(total_steps: int, checkpoint_every: int):
+def read_global_batches(workdir: str | Path) -> dict[str, list[list[str]]]:
+  """run -> the global batches it drew, in order (row digests, the processes' blocks put
+  together); a batch that not every process of the run drew (a crash) is left out."""
+  by_run: dict[str, dict[int, list[list[str]]]] = {}
+  counts = {}
+  for path in sorted(record_dir(workdir).glob('process_*-of-*.jsonl')):
+    index, count = (int(x) for x in path.stem[len('process_'):].split('-of-'))
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      counts.setdefault(record['run'], count)
+      assert counts[record['run']] == count, f'run {record["run"]} reused'
+      by_run.setdefault(record['run'], {}).setdefault(index, []).append(record['rows'])
+  return {run: [[d for block in blocks for d in block]
+                for blocks in zip(*(processes.get(i, []) for i in range(counts[run])))]
+          for run, processes in by_run.items()}
+
+
+def config(total_steps: int, checkpoint_every: int, mesh: tuple[int, ...]):
   c = pretrain_configs.get_config('tiny')
   c.train.total_steps = total_steps
   c.train.checkpoint_every = c.train.eval_every = checkpoint_every
   c.train.log_every = 1
   c.train.keep_checkpoints = 5
+  c.mesh.shape = tuple(mesh)
   return c
 
 
 def train(workdir: str | Path, total_steps: int, checkpoint_every: int,
-          sigterm_at: str | None = None) -> loop.Summary:
-  c = config(total_steps, checkpoint_every)
-  sigterm_at_step = None
-  if sigterm_at:
+          mesh: tuple[int, ...], run: str, fault: str | None = None) -> loop.Summary:
+  """Trains (or resumes) the run in `workdir` on this process's job, recording its batches."""
+  c = config(total_steps, checkpoint_every, mesh)
+  signal_at = None
+  if fault:
+    name, process, drawn = fault.split(':')
     c.train.prefetch = 0  # the signal is timed by batch fetches, which read-ahead moves earlier
-    process, step = (int(x) for x in sigterm_at.split(':'))
-    sigterm_at_step = step if process == jax.process_index() else None
-  model = Encoder(encoder_config(c.model, vocab_size=c.data.vocab_size))
-  batch_size, seq_len, vocab = c.train.batch_size, c.data.seq_len, c.data.vocab_size
-  eval_rows = RowsOfGlobalBatches(batch_size, seq_len, vocab)
-  eval_rows.set_state({**eval_rows.get_state(), 'step': 10**6})  # far from the train steps
-  eval_batches = [next(eval_rows)]
-  job = loop.Job(
-      config=c, workdir=Path(workdir), sums_fn=mlm_sums(model),
-      init_params=encoder_init_fn(model, seq_len),
-      train_iterator=RowsOfGlobalBatches(batch_size, seq_len, vocab, sigterm_at_step),
-      eval_batches=lambda: eval_batches, tx=make_optimizer(c.train))
-  Path(workdir).mkdir(parents=True, exist_ok=True)
-  return loop.run(job)
+    if int(process) == jax.process_index():
+      signal_at = (getattr(signal, name), int(drawn))
+  records = record_dir(workdir)
+  records.mkdir(parents=True, exist_ok=True)
+  record_path = records / f'process_{jax.process_index()}-of-{jax.process_count()}.jsonl'
+  make_iterator = mlm.pretrain_train_iterator
+
+  def recorded_iterator(*args, **kwargs):
+    return RecordedBatches(make_iterator(*args, **kwargs), record_path, run, signal_at)
+
+  with contextlib.ExitStack() as stack:
+    mlm.pretrain_train_iterator = recorded_iterator
+    stack.callback(setattr, mlm, 'pretrain_train_iterator', make_iterator)
+    return mlm_task.pretrain(c, workdir)
 
 
-if __name__ == '__main__':
-  workdir, total_steps, checkpoint_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-  summary = train(workdir, total_steps, checkpoint_every, *sys.argv[4:5])
+def launch(*args: str, processes: int = 2, devices: int = 4) -> list[dict]:
+  """Runs launch/local_multiprocess.py with `args`; returns the JSON line each process
+  printed last, by process index (the launch must succeed)."""
+  cmd = [sys.executable, str(LAUNCHER), f'--processes={processes}',
+         f'--devices_per_process={devices}', *args]
+  # The timeout guards against a hang; a loaded machine can take minutes.
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=os.environ.copy())
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+  summaries = {}
+  for line in result.stdout.splitlines():
+    match = re.match(r'\[p(\d+)\] (\{.*\})$', line)
+    if match:
+      summaries[int(match.group(1))] = json.loads(match.group(2))
+  assert sorted(summaries) == list(range(processes)), result.stdout[-4000:]
+  return [summaries[k] for k in range(processes)]
+
+
+def without_wall_time(summary: dict) -> dict:
+  return {k: v for k, v in summary.items() if k != 'wall_time_s'}
+
+
+def max_abs_diff(a, b) -> float:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def vanish() -> None:
+  if jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+  distributed.barrier('trainbig_test:wait_for_process_1')
+
+
+if __name__ == '__main__' and sys.argv[1:] == ['vanish']:
+  vanish()
+elif __name__ == '__main__':
+  workdir, total_steps, checkpoint_every, mesh, run = sys.argv[1:6]
+  summary = train(workdir, int(total_steps), int(checkpoint_every),
+                  tuple(int(x) for x in mesh.split(',')), run, *sys.argv[6:7])
   print(json.dumps(summary.__dict__))

@@ -9,6 +9,7 @@ import importlib.util
 import itertools
 from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
 
@@ -228,13 +229,16 @@ def test_eval_iterator_counts_every_example_once(data_dirs):
   assert sum(float(b['weights'].sum()) for b in single) == n
 
 
-def test_train_iterator_deterministic_and_restorable(data_dirs):
+def test_train_iterator_deterministic_and_restorable(data_dirs, monkeypatch):
   tok = WordTokenizer()
 
-  def make(seed, **kw):
+  def make(seed, batch_size=16, **kw):
+    # Little read-ahead: grain's default (16 threads, 500 batches) would encode far more
+    # batches than the test takes, for each of its nine iterators.
     return classification.classification_iterator(
-        'rotten_tomatoes', 'train', tok, 48, 16, seed=seed, shuffle=True, repeat=True,
-        data_dir=data_dirs[0], **kw)
+        'rotten_tomatoes', 'train', tok, 48, batch_size, seed=seed, shuffle=True, repeat=True,
+        data_dir=data_dirs[0], read_options=grain.ReadOptions(num_threads=2,
+                                                              prefetch_buffer_size=4), **kw)
 
   def take(it, k):
     return [_rows(next(it)) for _ in range(k)]
@@ -250,10 +254,24 @@ def test_train_iterator_deterministic_and_restorable(data_dirs):
   restored.set_state(state)
   assert take(restored, 4) == expected
 
-  # One small shard: each epoch is a permutation of it, shuffled differently each time.
-  shard = make(7, process_index=2, process_count=40)
-  shard_len = len(range(2, len(sources.data_source(DATASET, 'train', data_dirs[0])), 40))
-  flat = [r for batch in take(shard, -(-2 * shard_len // 16)) for r in batch]
+  # Two processes take their blocks of the one-process batches; the state is the job's, the
+  # same on both, and restores on any process count.
+  whole = make(7, batch_size=32)
+  halves = [make(7, process_index=i, process_count=2) for i in range(2)]
+  for batch, block0, block1 in zip(take(whole, 3), take(halves[0], 3), take(halves[1], 3)):
+    assert block0 + block1 == batch
+  assert halves[0].get_state() == halves[1].get_state() == whole.get_state()
+  later = take(whole, 2)
+  second = make(7, process_index=1, process_count=2)
+  second.set_state(halves[0].get_state())
+  assert take(second, 2) == [batch[16:] for batch in later]
+
+  # A small split: each epoch is a permutation of it, shuffled differently each time.
+  records = sources.data_source(DATASET, 'train', data_dirs[0])
+  small = [records[i] for i in range(37)]
+  monkeypatch.setattr(sources, 'data_source', lambda *a, **k: small)
+  shard_len = len(small)
+  flat = [r for batch in take(make(7), -(-2 * shard_len // 16)) for r in batch]
   assert all(w == 1.0 for _, _, w in flat)
   epoch1, epoch2 = flat[:shard_len], flat[shard_len:2 * shard_len]
   assert collections.Counter(epoch1) == collections.Counter(epoch2)

@@ -331,18 +331,25 @@ def test_train_iterator_resumes_with_the_same_batches(tokenizer):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_processes_read_disjoint_shares(tokenizer, fake_splits):
+def test_processes_take_their_block_of_the_same_global_batches(tokenizer):
   config = _config(batch_size=8)
-  shares = []
-  for index in range(2):
-    iterator = tr.translation_train_iterator(config, tokenizer, process_index=index,
-                                             process_count=2)
-    batches = [next(iterator) for _ in range(50)]
-    assert batches[0]['inputs'].shape == (4, 32)  # batch_size // process_count rows
-    shares.append({s for b in batches for s, _ in _packed_pairs(b)})
-  everything = {_expected_ids(tokenizer, en, 24) for en, _ in fake_splits['train']}
-  assert not shares[0] & shares[1]
-  assert shares[0] | shares[1] == everything
+  whole = tr.translation_train_iterator(config, tokenizer)
+  halves = [tr.translation_train_iterator(config, tokenizer, process_index=index,
+                                          process_count=2) for index in range(2)]
+  for _ in range(20):
+    batch, *blocks = next(whole), *(next(h) for h in halves)
+    assert blocks[0]['inputs'].shape == (4, 32)  # batch_size // process_count rows
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), batch[key])
+  # The state is the job's: the same on both processes, and it restores on any count.
+  state = json.loads(json.dumps(whole.get_state()))
+  assert [json.loads(json.dumps(h.get_state())) for h in halves] == [state, state]
+  expected = next(whole)
+  second = tr.translation_train_iterator(config, tokenizer, process_index=1, process_count=2)
+  second.set_state(state)
+  got = next(second)
+  for key in expected:
+    np.testing.assert_array_equal(got[key], expected[key][4:])
 
 
 def test_config_checks():

@@ -7,6 +7,11 @@ Examples are encoded RoBERTa style with the encoder's SentencePiece tokenizer (b
 
 Batches are dicts: 'inputs' int32 [b, max_len], 'labels' int32 [b], 'weights' float32 [b]
 (1 for real examples, 0 for padding rows that fill the last batch of a single pass).
+
+Training reads one stream for the whole job (examples -> shuffle, reshuffled every epoch ->
+repeat -> encode -> global batch) and each process keeps its block of rows
+(global_batches.py: what that costs, and why); evaluation gives each process every
+process_count-th example, since one pass sees each example once whatever the split.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from trainbig_jax.data import sources, user_files
+from trainbig_jax.data import global_batches, sources, user_files
 # Encoding uses pad_id, bos_id, eos_id and encode(text) (piece ids without specials).
 from trainbig_jax.data.tokenizer import Tokenizer
 
@@ -169,11 +174,14 @@ def classification_iterator(
 ) -> grain.DatasetIterator:
   """A checkpointable iterator (get_state/set_state) of this process's batches of `split`.
 
-  Training (repeat=True): endless, full batches; with shuffle=True every epoch is a
-  different permutation, fixed by `seed`. Evaluation (repeat=False): one pass in which every
-  example of this process's shard appears exactly once, the last batch filled with
+  `batch_size` is per process. Training (repeat=True): endless, full batches, this process's
+  rows [i*batch_size, (i+1)*batch_size) of global batches of batch_size * process_count rows
+  read from the whole split, so the data and the state (the same on every process) do not
+  depend on the process count; with shuffle=True every epoch is a different permutation,
+  fixed by `seed`. Evaluation (repeat=False): process i reads examples i::process_count, one
+  pass in which every example of its shard appears exactly once, the last batch filled with
   weight-0 rows; every process yields the same number of batches, so multi-host eval steps
-  stay in lockstep. `batch_size` is per process; process i reads examples i::process_count.
+  stay in lockstep.
   """
   spec = get_task(task_name, data_dir)
   if batch_size < 1:
@@ -184,7 +192,9 @@ def classification_iterator(
 
   source = sources.data_source(spec.dataset, split, data_dir)
   num_examples = len(source)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
+  if not repeat:
+    ds = ds[process_index::process_count]
   if len(ds) == 0:
     raise ValueError(f'Split {split!r} of {spec.dataset!r} has {num_examples} examples, too '
                      f'few to give each of {process_count} processes one.')
@@ -192,7 +202,11 @@ def classification_iterator(
     ds = ds.shuffle(seed=seed)
   encode = functools.partial(_encode_record, tokenizer=tokenizer, spec=spec, max_len=max_len)
   if repeat:
-    ds = ds.repeat(None).map(encode).batch(batch_size, drop_remainder=True)
+    global_rows = batch_size * process_count
+    ds = ds.repeat(None).map(encode).batch(global_rows, drop_remainder=True)
+    return global_batches.take_process_block(
+        ds.to_iter_dataset(read_options), process_index=process_index,
+        process_count=process_count).__iter__()
   else:
     # Pad to the batch count of the largest shard so all processes take equally many steps.
     largest_shard = -(-num_examples // process_count)

@@ -1,9 +1,10 @@
 """Masked-LM batches (RoBERTa recipe) as a checkpointable grain pipeline.
 
-Train pipeline, per process:
+Train pipeline, the same for the whole job whatever its number of processes:
 
-  documents[process_index::process_count] -> shuffle(seed), reshuffled every epoch -> repeat
-  -> tokenize (+ eos) -> pack into full-sentence windows -> batch -> mask (seeded per batch)
+  documents -> shuffle(seed), reshuffled every epoch -> repeat -> tokenize (+ eos)
+  -> pack into full-sentence windows -> global batch -> mask (seeded per batch number)
+  -> this process's block of rows (global_batches.py: what that costs, and why)
 
 Packing follows RoBERTa's FULL-SENTENCES input: documents are concatenated into one stream,
 each followed by eos, the stream is cut into windows of seq_len - 2 tokens and each window
@@ -25,7 +26,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from trainbig_jax.data import sources
+from trainbig_jax.data import global_batches, sources
 from trainbig_jax.data.tokenizer import Tokenizer, as_text
 
 # Eval masks use this seed regardless of config.seed, so runs of a sweep that differ in their
@@ -207,18 +208,6 @@ def _mask_batch(rows: np.ndarray, rng: np.random.Generator, *, tokenizer: Tokeni
                      random_token_prob=data_config.random_token_prob)
 
 
-def _per_process_batch(config: ml_collections.ConfigDict, process_count: int,
-                       process_index: int) -> int:
-  if not 0 <= process_index < process_count:
-    raise DataPipelineError(f'process_index={process_index} must be in [0, {process_count}).')
-  global_batch = config.train.batch_size
-  if global_batch <= 0 or global_batch % process_count:
-    raise DataPipelineError(
-        f'train.batch_size={global_batch} must be a positive multiple of the process count '
-        f'({process_count}).')
-  return global_batch // process_count
-
-
 def _documents(data_config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
   source = sources.data_source(data_config.dataset, split, data_config.data_dir)
   if len(source) == 0:
@@ -237,21 +226,18 @@ def pretrain_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokeni
                             process_count: int = 1) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of this process's masked training batches.
 
-  Each process reads the documents process_index::process_count of the train split, shuffled
-  with `config.seed` (a new order every epoch). Masks are drawn from an RNG derived from
-  (config.seed, process_index, batch number), so a run is reproducible and a restored
-  iterator (`set_state(get_state())`, JSON-serializable) continues with the same batches.
+  All processes build the same global batches of config.train.batch_size rows from the train
+  split, shuffled with `config.seed` (a new order every epoch) and masked with an RNG from
+  (config.seed, batch number); process p keeps rows [p*B, (p+1)*B), B = batch_size //
+  process_count. A run is reproducible, its data does not depend on the process count, and
+  the state (`get_state()`, JSON-serializable, the same on every process) restores with
+  `set_state` to the same next batches on any process count.
   """
   data = config.data
-  batch_size = _per_process_batch(config, process_count, process_index)
+  global_batches.rows_per_process(config.train.batch_size, process_count, process_index)
   if not 0 <= config.seed < 2**32:
     raise DataPipelineError(f'seed={config.seed} must be in [0, 2**32).')
   docs = _documents(data, data.train_split)
-  if len(docs) < process_count:
-    raise DataPipelineError(
-        f'Split {data.train_split!r} of {data.dataset!r} has {len(docs)} documents, fewer than '
-        f'the {process_count} processes reading it.')
-  docs = docs[process_index::process_count]
   num_docs = len(docs)
   # ShuffleMapDataset reseeds with seed + epoch for each pass of the repeat.
   docs = docs.shuffle(seed=config.seed).repeat(None)
@@ -261,9 +247,14 @@ def pretrain_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokeni
       tokens.to_iter_dataset(_READ_OPTIONS), seq_len=data.seq_len, bos_id=tokenizer.bos_id,
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
       max_consecutive_empty=num_docs)  # a whole epoch without text: the split has none
-  mask_seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
-  batches = rows.batch(batch_size, drop_remainder=True).random_map(
+  # random_map draws batch i's RNG from (mask_seed, i). The seed is the one the first
+  # process used when each process read its own documents, so single-process runs (and
+  # their checkpoints) see the same batches as then.
+  mask_seed = int(np.random.SeedSequence([config.seed, 0]).generate_state(1)[0])
+  batches = rows.batch(config.train.batch_size, drop_remainder=True).random_map(
       functools.partial(_mask_batch, tokenizer=tokenizer, data_config=data), seed=mask_seed)
+  batches = global_batches.take_process_block(batches, process_index=process_index,
+                                              process_count=process_count)
   if data.worker_count > 0:
     # grain's worker start reads its absl flags; outside an absl app (notebooks, tests) they
     # are unparsed and reading them raises, so accept their defaults.
@@ -285,8 +276,8 @@ def pretrain_eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenize
   least one, whose missing rows are padding with weight 0.
   """
   data = config.data
-  batch_size = _per_process_batch(config, process_count, process_index)
   global_batch = config.train.batch_size
+  global_batches.rows_per_process(global_batch, process_count, process_index)
   if data.num_eval_batches <= 0:
     raise DataPipelineError(f'data.num_eval_batches={data.num_eval_batches} must be positive.')
   docs = _documents(data, data.eval_split)
@@ -314,6 +305,6 @@ def pretrain_eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenize
   for i in range(num_batches):
     rng = np.random.default_rng([EVAL_MASK_SEED, i])
     batch = _mask_batch(all_rows[i], rng, tokenizer=tokenizer, data_config=data)
-    start = process_index * batch_size
-    batches.append({k: v[start:start + batch_size] for k, v in batch.items()})
+    batches.append(global_batches.process_block(batch, process_index=process_index,
+                                                process_count=process_count))
   return batches

@@ -8,10 +8,11 @@ language code: the embedded `trainbig_libreoffice_enfr` (data/libreoffice_help.p
 Encoding: source = encode(source_text)[:max_source_len - 1] + [eos], target likewise with
 max_target_len. Truncation keeps eos, so a truncated pair still teaches the model to stop.
 
-Train pipeline, per process:
+Train pipeline, the same for the whole job whatever its number of processes:
 
-  pairs[process_index::process_count] -> shuffle(shuffle_seed), reshuffled every epoch
-  -> repeat -> encode -> first-fit packing into batch_size rows of pack_len -> batch
+  pairs -> shuffle(shuffle_seed), reshuffled every epoch -> repeat -> encode
+  -> first-fit packing into batch_size rows of pack_len -> global batch
+  -> this process's block of rows (global_batches.py: what that costs, and why)
 
 Packing is grain's FirstFitPackIterDataset with one packing bin per batch row: pairs are
 placed, in order, in the first row where both their source and their target still fit, and a
@@ -32,8 +33,8 @@ import ml_collections
 import numpy as np
 import sacrebleu
 
-from trainbig_jax.data import sources
-from trainbig_jax.data.mlm import DataPipelineError, _per_process_batch
+from trainbig_jax.data import global_batches, sources
+from trainbig_jax.data.mlm import DataPipelineError
 from trainbig_jax.data.tokenizer import Tokenizer, as_text
 
 # Pairs are short (tens of tokens), so a small prefetch keeps up with a training step.
@@ -125,30 +126,29 @@ def translation_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tok
                                process_count: int = 1) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of this process's packed training batches.
 
-  Each process reads the pairs process_index::process_count of the train split, shuffled with
-  `data.shuffle_seed` (a new order every epoch), so processes never share a pair. Batches hold
-  config.train.batch_size // process_count rows: 'inputs', 'inputs_segmentation',
+  All processes pack the same global batches of config.train.batch_size rows from the train
+  split, shuffled with `data.shuffle_seed` (a new order every epoch); process p keeps rows
+  [p*B, (p+1)*B), B = batch_size // process_count. Batches: 'inputs', 'inputs_segmentation',
   'inputs_position', 'targets', 'targets_segmentation', 'targets_position', int32
-  [rows, pack_len]; segment k of 'inputs' and of 'targets' are the same pair. The state
-  (`get_state()`, JSON-serializable) restores with `set_state` to the same next batches.
+  [B, pack_len]; segment k of 'inputs' and of 'targets' are the same pair. The state
+  (`get_state()`, JSON-serializable, the same on every process) restores with `set_state` to
+  the same next batches on any process count.
   """
   data = config.data
   check_translation_data_config(data)
-  rows = _per_process_batch(config, process_count, process_index)
+  global_rows = config.train.batch_size
+  global_batches.rows_per_process(global_rows, process_count, process_index)
   source = _pair_source(data, data.train_split)
-  if len(source) < process_count:
-    raise DataPipelineError(
-        f'Split {data.train_split!r} of {data.dataset!r} has {len(source)} pairs, fewer than '
-        f'the {process_count} processes reading it.')
-  pairs = grain.MapDataset.source(source)[process_index::process_count]
   # ShuffleMapDataset reseeds with seed + epoch for each pass of the repeat.
-  pairs = pairs.shuffle(seed=data.shuffle_seed).repeat(None)
+  pairs = grain.MapDataset.source(source).shuffle(seed=data.shuffle_seed).repeat(None)
   encoded = pairs.map(functools.partial(_encode_pair, tokenizer=tokenizer, data=data))
   packed = grain.experimental.FirstFitPackIterDataset(
       encoded.to_iter_dataset(_READ_OPTIONS),
       length_struct={'inputs': data.pack_len, 'targets': data.pack_len},
-      num_packing_bins=rows, seed=data.shuffle_seed, shuffle_bins=True)
-  return iter(packed.map(_rename_packed).batch(rows, drop_remainder=True))
+      num_packing_bins=global_rows, seed=data.shuffle_seed, shuffle_bins=True)
+  batches = packed.map(_rename_packed).batch(global_rows, drop_remainder=True)
+  return iter(global_batches.take_process_block(batches, process_index=process_index,
+                                                process_count=process_count))
 
 
 def translation_pairs(config: ml_collections.ConfigDict, split: str | None = None,
@@ -180,8 +180,8 @@ def translation_eval_batches(config: ml_collections.ConfigDict, tokenizer: Token
   """
   data = config.data
   check_translation_data_config(data)
-  rows = _per_process_batch(config, process_count, process_index)
   global_rows = config.train.batch_size
+  rows = global_batches.rows_per_process(global_rows, process_count, process_index)
   split = split or data.eval_split
   pairs = translation_pairs(config, split, limit)
   if not pairs:

@@ -5,8 +5,10 @@ A run folder (WORKDIR) holds:
   tokenizer.model   the SentencePiece model (travels with every checkpoint)
   metrics.jsonl     one JSON object a line (see metrics.py)
   checkpoints/N/    Orbax steps with items 'state' (step, params, opt_state),
-                    'data' (the data iterator's state) and 'progress' (training wall-clock
-                    seconds and tokens so far)
+                    'data' (the position in the job's data stream, the same on every
+                    process) and 'progress' (training wall-clock seconds and tokens so far)
+A run resumes on any number of processes and any mesh: the state is restored onto the new
+run's shardings, and the data position does not depend on the process count.
 Orbax writes each step into a temporary folder and renames it when complete, so an
 interrupted save never shadows the previous good checkpoint. A step that fails to restore
 (a truncated, deleted or altered file) is moved to damaged_checkpoints/ with a warning and
@@ -47,15 +49,12 @@ class CheckpointSaveError(OSError):
   """A checkpoint could not be written (no space left, no permission, ...)."""
 
 
-def data_state_filename() -> str:
-  """The file of this process's data-iterator state inside a step's 'data' item.
-
-  Each process reads its own documents, so each has its own iterator state. Orbax's JSON
-  handler writes from the primary process only; with several processes every one writes its
-  own file instead. A single process keeps Orbax's default name.
-  """
-  count = jax.process_count()
-  return 'metadata' if count == 1 else f'process_{jax.process_index()}-of-{count}.json'
+# The data item's file: Orbax's JSON default, written by the primary process. The data
+# position is that of the whole job's stream (data/global_batches.py), the same on every
+# process, so a run resumes on any process count.
+DATA_STATE_FILE = 'metadata'
+# Earlier multi-process runs saved one data position per process under these names.
+_PER_PROCESS_DATA_STATE = re.compile(r'process_(\d+)-of-(\d+)\.json')
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
@@ -63,12 +62,11 @@ def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
   # overlapping async save would blur.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=False)
-  every_process = ocp.options.MultiprocessingOptions(primary_host=None)
   handlers = {
-      'state': ocp.StandardCheckpointHandler(),
-      'data': ocp.JsonCheckpointHandler(filename=data_state_filename(),
-                                        multiprocessing_options=every_process),
-      'progress': ocp.JsonCheckpointHandler(),  # the same on every process: primary writes
+      'state': ocp.StandardCheckpointHandler(),  # restored onto the target's shardings
+      # The same on every process: the primary writes them.
+      'data': ocp.JsonCheckpointHandler(filename=DATA_STATE_FILE),
+      'progress': ocp.JsonCheckpointHandler(),
   }
   return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
                                item_names=tuple(handlers), item_handlers=handlers)
@@ -202,14 +200,23 @@ def _set_aside(step_dir: Path) -> Path:
   return aside
 
 
-def _restore_step(mngr: ocp.CheckpointManager, target_state: Any, step: int):
-  data_dir = Path(mngr.directory) / str(step) / 'data'
-  if data_dir.is_dir() and not (data_dir / data_state_filename()).exists():
-    written = sorted(p.name for p in data_dir.iterdir() if p.name != 'commit_success.txt')
+def _check_not_per_process(data_dir: Path) -> None:
+  """Refuses a step written with one data position per process (before the global stream):
+  those positions index each process's own share of the documents, which no longer exist."""
+  if not data_dir.is_dir() or (data_dir / DATA_STATE_FILE).exists():
+    return
+  counts = {m.group(2) for p in data_dir.iterdir()
+            if (m := _PER_PROCESS_DATA_STATE.fullmatch(p.name))}
+  if counts:
     raise CheckpointError(
-        f'{data_dir.parent} holds the data position of another number of processes '
-        f'({", ".join(written) or "none"}); resume it with as many processes as wrote it, '
-        'or use a new --workdir.')
+        f'{data_dir.parent} was written by {" or ".join(sorted(counts))} processes with one '
+        'data position per process (trainbig before the global data stream): it can only '
+        'resume with that process count and that trainbig version; eval, compress and '
+        'finetune --init_checkpoint read it, or train anew in another --workdir.')
+
+
+def _restore_step(mngr: ocp.CheckpointManager, target_state: Any, step: int):
+  _check_not_per_process(Path(mngr.directory) / str(step) / 'data')
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target_state),
       data=ocp.args.JsonRestore(),

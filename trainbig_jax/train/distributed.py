@@ -32,7 +32,10 @@ class DistributedError(ValueError):
 
 
 # A process that dies (kill -9, OOM, a lost host) stops sending heartbeats; after this long
-# the others get an error instead of waiting in a collective forever (JAX's default is 100 s).
+# the coordination service fails every other process instead of letting it wait forever
+# (JAX's default is 100 s). That is what ends a wait at a barrier, or in a collective that
+# blocks on a dead peer (GPU, TPU); on CPU a collective fails at once (the peer's socket
+# closes). tests/test_elastic.py kills a process both ways.
 HEARTBEAT_TIMEOUT_S = 30
 
 
