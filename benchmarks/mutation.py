@@ -22,6 +22,7 @@ It is CPU heavy: run it under `nice` on a shared machine (`make mutation` does).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -40,10 +41,13 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                ['tests/test_teeth_claims.py', 'tests/test_report.py']),
     'plan': ('trainbig_jax/experiments/plan.py',
              ['tests/test_teeth_plan.py', 'tests/test_report.py']),
-    'storage': ('trainbig_jax/compress/storage.py', ['tests/test_compress.py']),
+    'storage': ('trainbig_jax/compress/storage.py',
+                ['tests/test_teeth_compress.py', 'tests/test_compress.py']),
     'quantize': ('trainbig_jax/compress/quantize.py',
-                 ['tests/test_teeth_numerics.py', 'tests/test_compress.py']),
-    'prune': ('trainbig_jax/compress/prune.py', ['tests/test_compress.py']),
+                 ['tests/test_teeth_numerics.py', 'tests/test_teeth_compress.py',
+                  'tests/test_compress.py']),
+    'prune': ('trainbig_jax/compress/prune.py',
+              ['tests/test_teeth_compress.py', 'tests/test_compress.py']),
     'mlm': ('trainbig_jax/data/mlm.py',
             ['tests/test_teeth_numerics.py', 'tests/test_data_pretrain.py']),
     'steps': ('trainbig_jax/train/steps.py',
@@ -65,8 +69,8 @@ def _toml_list(items: list[str]) -> str:
 def prepare(name: str, work_root: Path, keep_results: bool = False) -> Path:
   """A scratch copy of the package and the module's tests, with mutmut configured for it.
 
-  With keep_results, an earlier run's copy keeps mutmut's results and only its tests are
-  refreshed (to retest that run's survivors against new tests).
+  With keep_results, an earlier run's copy keeps mutmut's results and only its tests and test
+  selection are refreshed (to retest that run's survivors against new tests).
   """
   module, tests = MODULES[name]
   tests = [t for t in tests if (REPO / t.split('::')[0]).exists()]
@@ -75,13 +79,13 @@ def prepare(name: str, work_root: Path, keep_results: bool = False) -> Path:
     for tests_dir in (work / 'tests', work / 'mutants' / 'tests'):
       shutil.rmtree(tests_dir, ignore_errors=True)
       shutil.copytree(REPO / 'tests', tests_dir, ignore=shutil.ignore_patterns('__pycache__'))
-    return work
-  if work.exists():
-    shutil.rmtree(work)
-  work.mkdir(parents=True)
-  shutil.copytree(REPO / 'trainbig_jax', work / 'trainbig_jax',
-                  ignore=shutil.ignore_patterns('__pycache__'))
-  shutil.copytree(REPO / 'tests', work / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
+  else:
+    if work.exists():
+      shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copytree(REPO / 'trainbig_jax', work / 'trainbig_jax',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copytree(REPO / 'tests', work / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
   pyproject = (REPO / 'pyproject.toml').read_text()
   pyproject += f"""
 [tool.mutmut]
@@ -118,9 +122,14 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
   if not env['TRAINBIG_TEST_DATA_DIR']:
     env.pop('TRAINBIG_TEST_DATA_DIR')
   mutmut = [sys.executable, '-m', 'mutmut']
-  names = []
+  names, previous = [], {}
+  saved = work / 'statuses.json'
   if retest_survivors:  # mutmut reruns the mutants it is given by name
-    names = [k for k, v in _statuses(mutmut, work, env).items() if v not in KILLED]
+    # A changed test selection makes mutmut forget every verdict, so the last run's verdicts
+    # are kept here and only the retested mutants' are replaced.
+    previous = (json.loads(saved.read_text()) if saved.exists()
+                else _statuses(mutmut, work, env))
+    names = [k for k, v in previous.items() if v not in KILLED]
   start = time.time()
   log = work / ('mutmut-retest.log' if retest_survivors else 'mutmut-run.log')
   with open(log, 'w') as f:
@@ -128,6 +137,10 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                           env=env, stdout=f, stderr=subprocess.STDOUT)
   seconds = time.time() - start
   statuses = _statuses(mutmut, work, env)
+  if previous:
+    statuses = {**previous, **{k: v for k, v in statuses.items()
+                               if k in names and v != 'not checked'}}
+  saved.write_text(json.dumps(statuses, indent=0, sort_keys=True))
   survivors = sorted(k for k, v in statuses.items() if v not in KILLED)
   killed = len(statuses) - len(survivors)
   result = {'name': name, 'module': MODULES[name][0], 'total': len(statuses), 'killed': killed,

@@ -1,0 +1,251 @@
+"""compress/ (quantize, prune, storage): the behaviours that mutation testing found unguarded.
+
+Each test pins a default, a keyword passed through, or an edge that a small plausible bug would
+change (benchmarks/mutation.py; docs/mutation.md lists what no behaviour can tell apart).
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainbig_jax.compress import quantize as quant
+
+from test_teeth_numerics import reference_quantize
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def _params(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  # Channels of different ranges and an all-positive one, so every mode differs from the others.
+  kernel = lambda: (rng.standard_normal((6, 4)) * np.array([0.1, 1.0, 3.0, 0.5])
+                    + np.array([0.0, 0.0, 0.0, 2.0])).astype(np.float32)
+  return {'layers_0': {'mlp': {'kernel': kernel(), 'bias': rng.standard_normal(4).astype(np.float32)}},
+          'layers_1': {'mlp': {'kernel': kernel()}}}
+
+
+def _qdq(x, bits, symmetric, per_channel):
+  codes, scale, zero = reference_quantize(np.asarray(x), bits, symmetric, per_channel)
+  return (codes - zero) * scale
+
+
+def test_check_setting_bits_accepts_float_width_and_quantized_widths_only():
+  assert quant.check_setting_bits(32) == 32 and type(quant.check_setting_bits(32)) is int
+  assert quant.check_setting_bits(np.int64(32)) == 32
+  assert quant.check_setting_bits(4) == 4
+  for bad in (True, 32.0, 1, 9, 16, '32', None):
+    with pytest.raises(ValueError) as err:
+      quant.check_setting_bits(bad)
+    assert str(err.value) == f'bits must be an integer in 2..8, got {bad!r} (32: not quantized).'
+
+
+def test_quantized_tensor_records_the_original_dtype_name():
+  x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+  assert quant.quantize(x, 4).dtype == 'float32'
+  assert quant.quantize(jnp.asarray(x, jnp.bfloat16), 4).dtype == 'bfloat16'
+  assert quant.quantize(x.astype(np.float16), 4).dtype == 'float16'
+
+
+def test_quantize_tree_defaults_are_symmetric_per_channel_on_the_last_axis():
+  params = _params()
+  kernel = params['layers_0']['mlp']['kernel']
+  q = quant.quantize_tree(params, 4)['layers_0']['mlp']['kernel']
+  assert q.symmetric and q.per_channel and q.channel_axis == 1
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), _qdq(kernel, 4, True, True))
+  # Every keyword reaches quantize.
+  q = quant.quantize_tree(params, 3, symmetric=False, per_channel=False)['layers_0']['mlp']['kernel']
+  assert not q.symmetric and not q.per_channel
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), _qdq(kernel, 3, False, False))
+  q = quant.quantize_tree(params, 8, channel_axis=0)['layers_0']['mlp']['kernel']
+  assert q.channel_axis == 0 and q.scale.shape == (6, 1)
+
+
+def test_quantize_tree_sees_quantized_leaves_under_their_parameter_path():
+  """A second pass over a partly quantized tree (mixed widths) names its leaves by path."""
+  params = _params()
+  once = quant.quantize_tree(params, 8, include=r'layers_0/mlp/kernel$')
+  twice = quant.quantize_tree(once, 4, exclude=r'layers_0/mlp/kernel$')
+  assert twice['layers_0']['mlp']['kernel'] is once['layers_0']['mlp']['kernel']
+  assert twice['layers_0']['mlp']['kernel'].bits == 8
+  assert twice['layers_1']['mlp']['kernel'].bits == 4
+  fq = quant.fake_quant_tree(
+      {'layers_0': {'mlp': {'kernel': once['layers_0']['mlp']['kernel']}},
+       'layers_1': params['layers_1']}, 4, exclude=r'layers_0/mlp/kernel$')
+  assert fq['layers_0']['mlp']['kernel'] is once['layers_0']['mlp']['kernel']
+
+
+def test_fake_quant_and_its_tree_pass_every_mode_through():
+  params = _params()
+  kernel = params['layers_0']['mlp']['kernel']
+  # Default: symmetric, per channel.
+  np.testing.assert_array_equal(np.asarray(quant.fake_quant(jnp.asarray(kernel), 3)),
+                                _qdq(kernel, 3, True, True))
+  for symmetric, per_channel in [(False, True), (True, False), (False, False)]:
+    fq = quant.fake_quant_tree(params, 3, symmetric=symmetric, per_channel=per_channel)
+    np.testing.assert_array_equal(np.asarray(fq['layers_0']['mlp']['kernel']),
+                                  _qdq(kernel, 3, symmetric, per_channel))
+  fq = quant.fake_quant_tree(params, 3, channel_axis=0)
+  np.testing.assert_array_equal(np.asarray(fq['layers_0']['mlp']['kernel']),
+                                _qdq(kernel.T, 3, True, True).T)
+
+
+def test_qat_sums_calls_the_task_with_fake_quantized_selected_weights():
+  params = _params(1)
+  seen = {}
+
+  def sums_fn(p, batch, rng, train):
+    seen.update(params=p, batch=batch, rng=rng, train=train)
+    return {'loss': jnp.sum(p['layers_0']['mlp']['kernel'] * 2.0)}
+
+  qat = types.SimpleNamespace(bits=3, symmetric=False, per_channel=False,
+                              include=[r'layers_\d+/mlp/kernel$'], exclude=['layers_1/'])
+  sums = quant.qat_sums(sums_fn, qat)
+  batch, rng = {'inputs': np.arange(3)}, jax.random.key(7)
+  out = sums(params, batch, rng, False)
+  assert seen['batch'] is batch and seen['rng'] is rng and seen['train'] is False
+  got = seen['params']
+  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['kernel']),
+                                _qdq(params['layers_0']['mlp']['kernel'], 3, False, False))
+  np.testing.assert_array_equal(np.asarray(got['layers_1']['mlp']['kernel']),
+                                params['layers_1']['mlp']['kernel'])
+  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['bias']),
+                                params['layers_0']['mlp']['bias'])
+  np.testing.assert_allclose(
+      float(out['loss']), 2.0 * _qdq(params['layers_0']['mlp']['kernel'], 3, False, False).sum(),
+      rtol=1e-6)
+  sums(params, batch, rng, True)
+  assert seen['train'] is True
+  # Straight through: the gradient of the quantized weights' loss is the float one.
+  grads = jax.grad(lambda p: sums(p, batch, rng, True)['loss'])(params)
+  np.testing.assert_array_equal(np.asarray(grads['layers_0']['mlp']['kernel']), 2.0)
+
+
+# ----------------------------------------------------------------------------- structured pruning
+
+from trainbig_jax.compress import prune  # noqa: E402
+
+
+def _mlp_block(wi: np.ndarray, wo: np.ndarray) -> dict:
+  return {'layers_0': {'mlp': {'wi': {'kernel': wi, 'bias': np.ones(wi.shape[1], np.float32)},
+                               'wo': {'kernel': wo}}}}
+
+
+def test_neuron_scores_are_the_float64_norm_of_wi_column_plus_wo_row():
+  # Per neuron j: |wi[:, j]|^2 and |wo[j, :]|^2 chosen so that the lowest two by their sum are
+  # neurons 1 and 3, while wi alone, wo alone or their difference would pick others.
+  wi_sq = np.array([1.0, 4.0, 0.5, 1.0, 9.0, 3.0])
+  wo_sq = np.array([9.0, 0.5, 9.0, 1.0, 0.1, 9.0])
+  wi = np.zeros((3, 6), np.float32)
+  wo = np.zeros((6, 3), np.float32)
+  wi[0], wo[:, 0] = np.sqrt(wi_sq), np.sqrt(wo_sq)
+  keep = prune.neuron_masks(_mlp_block(wi, wo), 2 / 6)['layers_0']['mlp']
+  expected = np.array([True, False, True, False, True, True])
+  np.testing.assert_array_equal(np.asarray(keep['wi']['kernel']), np.broadcast_to(expected, wi.shape))
+  np.testing.assert_array_equal(np.asarray(keep['wo']['kernel']),
+                                np.broadcast_to(expected[:, None], wo.shape))
+  np.testing.assert_array_equal(np.asarray(keep['wi']['bias']), expected)
+  assert keep['wo'] == {'kernel': keep['wo']['kernel']}  # wo's bias (none here) is never masked
+
+
+@pytest.mark.parametrize('in_wo', [False, True])
+def test_neuron_scores_resolve_differences_float32_would_round_away(in_wo):
+  # Neuron 0: 1 + 1e-8 (a float32 sum rounds it to 1, a tie that would prune neuron 0 first);
+  # neuron 1: exactly 1. Summed in float64, neuron 1 is the weaker one.
+  small = np.array([[1.0, 1.0], [1e-4, 0.0]], np.float32)  # rows: two entries of each neuron
+  big = np.full((2, 2), 10.0, np.float32)
+  wi, wo = (big, small.T) if in_wo else (small, big.T)
+  keep = prune.neuron_masks(_mlp_block(np.ascontiguousarray(wi), np.ascontiguousarray(wo)), 0.5)
+  np.testing.assert_array_equal(np.asarray(keep['layers_0']['mlp']['wi']['bias']), [True, False])
+
+
+def test_neuron_masks_reject_mismatched_or_non_matrix_kernels_and_bad_fractions():
+  ones = lambda *shape: np.ones(shape, np.float32)
+  for wi, wo in [(ones(4, 8), ones(6, 4)), (ones(4, 8, 2), ones(8, 4)), (ones(4, 8), ones(8, 4, 2))]:
+    with pytest.raises(ValueError) as err:
+      prune.neuron_masks(_mlp_block(wi, wo), 0.5)
+    assert str(err.value) == (f'layers_0/mlp: expected wi [D, F] and wo [F, D] kernels, got '
+                              f'{wi.shape} and {wo.shape}.')
+  with pytest.raises(ValueError, match=r'^fraction must be in \[0, 1\), got 1\.0\.$'):
+    prune.neuron_masks(_mlp_block(ones(4, 8), ones(8, 4)), 1.0)
+  with pytest.raises(ValueError, match=r"^fraction must be a number in \[0, 1\), got 'x'\.$"):
+    prune.head_masks(_mlp_block(ones(4, 8), ones(8, 4)), 2, 'x')
+
+
+def _attention_block(q, k, v, out) -> dict:
+  return {'layers_0': {'attention': {
+      'query': {'kernel': q, 'bias': np.ones(q.shape[1:], np.float32)}, 'key': {'kernel': k},
+      'value': {'kernel': v}, 'out': {'kernel': out}}}}
+
+
+def _heads_with_norms(sq: dict[str, list[float]], hidden: int = 3, dh: int = 2) -> dict:
+  """[D, H*dh] / [H*dh, D] kernels whose head h has squared norm sq[name][h]."""
+  heads = len(sq['out'])
+  kernels = {}
+  for name in ('query', 'key', 'value'):
+    kernels[name] = np.zeros((hidden, heads * dh), np.float32)
+    kernels[name][0, ::dh] = np.sqrt(sq[name])
+  kernels['out'] = np.zeros((heads * dh, hidden), np.float32)
+  kernels['out'][::dh, 0] = np.sqrt(sq['out'])
+  return _attention_block(kernels['query'], kernels['key'], kernels['value'], kernels['out'])
+
+
+def test_head_scores_are_the_norm_of_all_four_kernels_slices():
+  # Totals [5.1, 4.5, 3.5, 3.2]: heads 2 and 3 go. out alone would drop 0 and 2, query/key/value
+  # alone 3 and 1, their difference 1 and 3. Hidden 3 is no multiple of the 4 heads, so a split
+  # that used the wrong axis of any kernel fails.
+  params = _heads_with_norms({'query': [5.0, 0.5, 0.0, 0.0], 'key': [0.0, 0.0, 3.0, 0.0],
+                              'value': [0.0, 0.0, 0.0, 0.2], 'out': [0.1, 4.0, 0.5, 3.0]})
+  keep = prune.head_masks(params, 4, 0.5)['layers_0']['attention']
+  expected = np.array([True, True, False, False])
+  for name in ('query', 'key', 'value'):
+    np.testing.assert_array_equal(np.asarray(keep[name]['kernel']),
+                                  np.broadcast_to(np.repeat(expected, 2), (3, 8)))
+  np.testing.assert_array_equal(np.asarray(keep['out']['kernel']),
+                                np.broadcast_to(np.repeat(expected, 2)[:, None], (8, 3)))
+  np.testing.assert_array_equal(np.asarray(keep['query']['bias']), np.repeat(expected, 2))
+
+
+@pytest.mark.parametrize('in_out', [False, True])
+def test_head_scores_resolve_differences_float32_would_round_away(in_out):
+  # Head 0 has 1 + 1e-8 (1 in float32), head 1 exactly 1: in float64 head 1 is the weaker one.
+  sq = {'query': [1.0, 1.0, 100.0, 100.0], 'key': [0.0] * 4, 'value': [0.0] * 4,
+        'out': [1.0, 1.0, 100.0, 100.0]}
+  params = _heads_with_norms(sq)
+  attention = params['layers_0']['attention']
+  if in_out:
+    attention['out']['kernel'][1, 0] = 1e-4  # the second row of head 0
+  else:
+    attention['query']['kernel'][1, 0] = 1e-4  # the second entry of head 0's first column
+  keep = prune.head_masks(params, 4, 0.25)['layers_0']['attention']
+  np.testing.assert_array_equal(np.asarray(keep['query']['bias']).reshape(4, 2)[:, 0],
+                                [True, False, True, True])
+
+
+def test_head_masks_check_head_counts_and_kernel_splits():
+  ones = lambda *shape: np.ones(shape, np.float32)
+  square = _attention_block(ones(2, 8), ones(2, 8), ones(2, 8), ones(8, 2))
+  for bad in (0, -1, 2.0, 'two'):
+    with pytest.raises(ValueError) as err:
+      prune.head_masks(square, bad, 0.5)
+    assert str(err.value) == f'num_heads must be a positive integer, got {bad!r}.'
+  # One head is a valid attention block; with nothing to prune every entry stays.
+  keep = prune.head_masks(square, 1, 0.0)['layers_0']['attention']
+  assert all(np.asarray(keep[n]['kernel']).all() for n in ('query', 'key', 'value', 'out'))
+  for q, out in [(ones(2, 6), ones(8, 2)),  # 6 columns: not 4 heads
+                 (ones(2, 4, 3), ones(2, 3, 2))]:  # [H, dh, D] out with 2 x 3 head rows
+    params = _attention_block(q, ones(*q.shape), ones(*q.shape), out)
+    bad = 'query' if q.shape == (2, 6) else 'out'
+    shape = (q if bad == 'query' else out).shape
+    with pytest.raises(ValueError) as err:
+      prune.head_masks(params, 4, 0.5)
+    assert str(err.value) == (f'layers_0/attention/{bad}/kernel with shape {shape} cannot be '
+                              f'split into num_heads=4 heads.')
+  # The same [H, dh, D] layout with 4 x 3 head rows is valid.
+  keep = prune.head_masks(_attention_block(ones(2, 4, 3), ones(2, 4, 3), ones(2, 4, 3),
+                                           ones(4, 3, 2)), 4, 0.5)
+  assert np.asarray(keep['layers_0']['attention']['out']['kernel']).sum() == 12
