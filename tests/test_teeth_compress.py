@@ -249,3 +249,62 @@ def test_head_masks_check_head_counts_and_kernel_splits():
   keep = prune.head_masks(_attention_block(ones(2, 4, 3), ones(2, 4, 3), ones(2, 4, 3),
                                            ones(4, 3, 2)), 4, 0.5)
   assert np.asarray(keep['layers_0']['attention']['out']['kernel']).sum() == 12
+
+
+def test_equal_scores_prune_the_lower_index_first_even_in_long_blocks():
+  # 64 neurons: every 7th weaker, the rest tied. An unstable sort breaks the ties anyhow.
+  wi, wo = np.ones((1, 64), np.float32), np.ones((64, 1), np.float32)
+  wi[0, ::7] = wo[::7, 0] = 0.5
+  keep = prune.neuron_masks(_mlp_block(wi, wo), 20 / 64)['layers_0']['mlp']['wi']['bias']
+  pruned = sorted(np.flatnonzero(~np.asarray(keep)))
+  assert pruned == sorted(list(range(0, 64, 7)) + [1, 2, 3, 4, 5, 6, 8, 9, 10, 11])
+
+
+def test_structured_pruning_selects_blocks_and_refuses_to_empty_one():
+  ones = lambda *shape: np.ones(shape, np.float32)
+  two = {'layers_0': _mlp_block(ones(2, 4), ones(4, 2))['layers_0'],
+         'layers_1': _mlp_block(ones(2, 4), ones(4, 2))['layers_0']}
+  masks = prune.neuron_masks(two, 0.5, exclude='layers_1')
+  assert masks['layers_0']['mlp']['wi']['kernel'] is not None
+  assert masks['layers_1']['mlp']['wi']['kernel'] is None
+  with pytest.raises(ValueError) as err:
+    prune.neuron_masks({'layers_0': {'dense': {'kernel': ones(2, 2)}}}, 0.5)
+  assert str(err.value) == 'No module with wi/wo kernels found in the parameter tree.'
+  # round(0.9 * 4) = 4 neurons and round(0.9 * 2) = 2 heads: all of them.
+  with pytest.raises(ValueError) as err:
+    prune.neuron_masks(two, 0.9)
+  assert str(err.value) == ('Pruning 0.9 of the 4 neurons of layers_0/mlp (MLP) would remove all '
+                            'of them; use a sparsity below 0.875 (at most 3 of 4 removed).')
+  heads = _attention_block(ones(2, 4), ones(2, 4), ones(2, 4), ones(4, 2))
+  with pytest.raises(ValueError) as err:
+    prune.head_masks(heads, 2, 0.9)
+  assert str(err.value) == ('Pruning 0.9 of the 2 heads of layers_0/attention (attention) would '
+                            'remove all of them; use a sparsity below 0.75 (at most 1 of 2 '
+                            'removed).')
+  # Just below the limit is allowed: 0.7 of 2 heads rounds to 1.
+  assert np.asarray(prune.head_masks(heads, 2, 0.7)['layers_0']['attention']['out']['kernel']
+                    ).sum() == 4
+
+
+# ----------------------------------------------------------------------------- sparsity report
+
+
+def test_sparsity_report_counts_zeros_overall_and_per_path():
+  kernel = np.arange(1, 17, dtype=np.float32).reshape(4, 4)
+  kernel[0, :2] = 0.0  # already zero before any mask
+  params = {'layers_0': {'mlp': {'kernel': kernel, 'bias': np.array([1, 0, 2, 3], np.float32)}},
+            'empty': np.zeros((0,), np.float32)}
+  report = prune.sparsity_report(params)
+  assert report['total_params'] == 20 and report['nonzero_params'] == 17
+  assert report['sparsity'] == pytest.approx(3 / 20)
+  assert report['per_path'] == {'layers_0/mlp/kernel': pytest.approx(2 / 16),
+                                'layers_0/mlp/bias': pytest.approx(1 / 4), 'empty': 0.0}
+  masks = prune.magnitude_masks(params, 0.5)  # the 8 smallest of the kernel, its 2 zeros too
+  report = prune.sparsity_report(params, masks)
+  assert report['total_params'] == 20 and report['nonzero_params'] == 8 + 3
+  assert report['sparsity'] == pytest.approx(9 / 20)
+  assert report['per_path'] == {'layers_0/mlp/kernel': pytest.approx(0.5)}
+  # Nothing to count: no division by zero.
+  nothing = prune.sparsity_report({'empty': np.zeros((0, 3), np.float32)})
+  assert nothing == {'total_params': 0, 'nonzero_params': 0, 'sparsity': 0.0,
+                     'per_path': {'empty': 0.0}}
