@@ -308,3 +308,34 @@ def test_sparsity_report_counts_zeros_overall_and_per_path():
   nothing = prune.sparsity_report({'empty': np.zeros((0, 3), np.float32)})
   assert nothing == {'total_params': 0, 'nonzero_params': 0, 'sparsity': 0.0,
                      'per_path': {'empty': 0.0}}
+
+
+# ----------------------------------------------------------------------------- storage
+
+from trainbig_jax.compress import storage  # noqa: E402
+
+
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_quantized_leaves_give_the_stored_codes_with_pruned_entries_at_the_zero_point(symmetric):
+  params = _params(2)
+  masks = prune.magnitude_masks(params, 0.5, include=r'layers_1/mlp/kernel$')
+  compressed = storage.compress_tree(params, masks, dict(bits=4, symmetric=symmetric,
+                                                         per_channel=True))
+  leaves = storage.quantized_leaves(compressed)
+  assert set(leaves) == {'layers_0/mlp/kernel', 'layers_1/mlp/kernel'}  # not the float bias
+  dense = storage.decompress_tree(compressed)
+  for path, q in leaves.items():
+    layer = path.split('/')[0]
+    x = np.asarray(params[layer]['mlp']['kernel'])
+    keep = (np.asarray(masks[layer]['mlp']['kernel']) if layer == 'layers_1'
+            else np.ones(x.shape, bool))
+    expected = quant.quantize(np.where(keep, x, 0), 4, symmetric=symmetric)
+    assert (q.bits, q.symmetric, q.channel_axis, q.dtype) == (4, symmetric, 1, 'float32')
+    assert q.values.dtype == (np.int8 if symmetric else np.uint8)
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(expected.scale))
+    np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(expected.zero_point))
+    codes = np.asarray(expected.values)
+    np.testing.assert_array_equal(
+        np.asarray(q.values), np.where(keep, codes, np.broadcast_to(expected.zero_point, x.shape)))
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), dense[layer]['mlp']['kernel'])
+  assert storage.quantized_leaves(storage.compress_tree(params)) == {}
