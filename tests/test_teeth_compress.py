@@ -339,3 +339,36 @@ def test_quantized_leaves_give_the_stored_codes_with_pruned_entries_at_the_zero_
         np.asarray(q.values), np.where(keep, codes, np.broadcast_to(expected.zero_point, x.shape)))
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), dense[layer]['mlp']['kernel'])
   assert storage.quantized_leaves(storage.compress_tree(params)) == {}
+
+
+# ----------------------------------------------------------------------------- magnitude masks
+
+
+def test_nan_counts_as_the_largest_magnitude_on_the_host_as_under_jit():
+  x = np.array([np.nan, np.nan, 1.0, -2.0], np.float32)
+  params = {'layers_0': {'mlp': {'kernel': x.reshape(2, 2)}}}
+  keep = np.asarray(prune.magnitude_masks(params, 0.75)['layers_0']['mlp']['kernel']).ravel()
+  # 1 and -2 go, then of the two NaNs (ties at +inf) the first.
+  np.testing.assert_array_equal(keep, [False, True, False, False])
+  traced = np.asarray(prune._masks_for_sparsity([jnp.asarray(x)], 0.75, 'layer')[0])
+  np.testing.assert_array_equal(traced, keep)
+
+
+def test_magnitudes_are_compared_in_float32_on_the_host_as_under_jit():
+  # float64 weights equal in float32 are a tie, broken by index, as in the jitted pruner.
+  x = np.array([1.0 + 1e-12, 1.0, 5.0, 6.0])
+  keep = np.asarray(prune.magnitude_masks({'layers_0': {'w': {'kernel': x}}}, 0.25)
+                    ['layers_0']['w']['kernel'])
+  np.testing.assert_array_equal(keep, [False, True, True, True])
+  traced = np.asarray(prune._masks_for_sparsity([jnp.asarray(x, jnp.float32)], 0.25, 'layer')[0])
+  np.testing.assert_array_equal(traced, keep)
+
+
+def test_apply_masks_keeps_the_dtype_and_checks_shapes():
+  w = jnp.asarray([[1.5, -2.0], [3.0, 4.0]], jnp.bfloat16)
+  out = prune.apply_masks({'w': w}, {'w': jnp.asarray([[True, False], [False, True]])})['w']
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), [[1.5, 0.0], [0.0, 4.0]])
+  with pytest.raises(ValueError) as err:
+    prune.apply_masks({'w': w}, {'w': jnp.ones((2, 3), bool)})
+  assert str(err.value) == 'Mask shape (2, 3) does not match parameter shape (2, 2).'
