@@ -15,6 +15,8 @@ docs/mutation.md, and every other survivor should get a test.
   python benchmarks/mutation.py                       # every module, cheapest first
   python benchmarks/mutation.py claims plan           # some modules (names as in MODULES)
   python benchmarks/mutation.py --max_children=1 --show_diffs storage
+  python benchmarks/mutation.py --retest_survivors prune   # after adding tests
+  python benchmarks/mutation.py --resume storage           # go on after a stopped run
 
 It is CPU heavy: run it under `nice` on a shared machine (`make mutation` does).
 """
@@ -60,6 +62,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
 
 # mutmut's exit-code statuses that count as the suite noticing the mutant.
 KILLED = {'killed', 'timeout', 'caught by type check'}
+# A mutant of a run stopped before reaching it.
+NOT_TESTED = 'not checked'
 
 
 def _toml_list(items: list[str]) -> str:
@@ -114,8 +118,8 @@ def _statuses(mutmut: list[str], work: Path, env: dict) -> dict[str, str]:
 
 
 def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
-               retest_survivors: bool = False) -> dict:
-  work = prepare(name, work_root, keep_results=retest_survivors)
+               retest_survivors: bool = False, resume: bool = False) -> dict:
+  work = prepare(name, work_root, keep_results=retest_survivors or resume)
   env = dict(os.environ)
   env.pop('PYTHONPATH', None)  # mutmut puts its mutants/ copy first on the path itself
   env.setdefault('TRAINBIG_TEST_DATA_DIR', os.environ.get('TRAINBIG_DATA_DIR', ''))
@@ -124,12 +128,13 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
   mutmut = [sys.executable, '-m', 'mutmut']
   names, previous = [], {}
   saved = work / 'statuses.json'
-  if retest_survivors:  # mutmut reruns the mutants it is given by name
+  if retest_survivors or resume:
     # A changed test selection makes mutmut forget every verdict, so the last run's verdicts
-    # are kept here and only the retested mutants' are replaced.
+    # are kept here and only those of the mutants tested now are replaced.
     previous = (json.loads(saved.read_text()) if saved.exists()
                 else _statuses(mutmut, work, env))
-    names = [k for k, v in previous.items() if v not in KILLED]
+  if retest_survivors:  # mutmut reruns the mutants it is given by name
+    names = [k for k, v in previous.items() if v not in KILLED and v != NOT_TESTED]
   start = time.time()
   log = work / ('mutmut-retest.log' if retest_survivors else 'mutmut-run.log')
   with open(log, 'w') as f:
@@ -137,18 +142,21 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                           env=env, stdout=f, stderr=subprocess.STDOUT)
   seconds = time.time() - start
   statuses = _statuses(mutmut, work, env)
-  if previous:
-    statuses = {**previous, **{k: v for k, v in statuses.items()
-                               if k in names and v != 'not checked'}}
+  for k, v in previous.items():
+    if statuses.get(k, NOT_TESTED) == NOT_TESTED or (names and k not in names):
+      statuses[k] = v
   saved.write_text(json.dumps(statuses, indent=0, sort_keys=True))
-  survivors = sorted(k for k, v in statuses.items() if v not in KILLED)
-  killed = len(statuses) - len(survivors)
-  result = {'name': name, 'module': MODULES[name][0], 'total': len(statuses), 'killed': killed,
-            'survivors': {k: statuses[k] for k in survivors}, 'seconds': seconds,
-            'returncode': proc.returncode, 'log': str(log)}
-  share = killed / len(statuses) if statuses else float('nan')
-  print(f'{name:<11} {killed:>4}/{len(statuses):<4} killed ({100 * share:5.1f}%)  '
-        f'{seconds:6.0f} s  {MODULES[name][0]}', flush=True)
+  tested = {k: v for k, v in statuses.items() if v != NOT_TESTED}
+  survivors = sorted(k for k, v in tested.items() if v not in KILLED)
+  killed = len(tested) - len(survivors)
+  result = {'name': name, 'module': MODULES[name][0], 'total': len(tested), 'killed': killed,
+            'made': len(statuses), 'survivors': {k: statuses[k] for k in survivors},
+            'seconds': seconds, 'returncode': proc.returncode, 'log': str(log)}
+  share = killed / len(tested) if tested else float('nan')
+  untested = (f'  ({len(statuses) - len(tested)} of {len(statuses)} not tested: run stopped; '
+              f'--resume goes on)' if len(tested) < len(statuses) else '')
+  print(f'{name:<11} {killed:>4}/{len(tested):<4} killed ({100 * share:5.1f}%)  '
+        f'{seconds:6.0f} s  {MODULES[name][0]}{untested}', flush=True)
   if proc.returncode != 0 or not statuses:
     print(f'  mutmut run exited {proc.returncode}; see {log}', flush=True)
   for k in survivors:
@@ -171,6 +179,9 @@ def main() -> None:
   parser.add_argument('--retest_survivors', action='store_true',
                       help='keep the last run\'s results and retest only its survivors against '
                            'the current tests (after adding tests)')
+  parser.add_argument('--resume', action='store_true',
+                      help='keep the last run\'s results and test only the mutants it did not '
+                           'reach (a stopped run)')
   args = parser.parse_args()
   names = args.modules or list(MODULES)
   unknown = [n for n in names if n not in MODULES]
@@ -178,12 +189,12 @@ def main() -> None:
     parser.error(f'unknown module(s) {", ".join(unknown)}; known: {", ".join(MODULES)}')
   print(f'{"module":<11} killed/total            time  file', flush=True)
   results = [run_module(n, Path(args.work_dir), args.max_children, args.show_diffs,
-                        args.retest_survivors) for n in names]
+                        args.retest_survivors, args.resume) for n in names]
   print('\nsummary (share of mutants killed):')
   for r in results:
     share = 100 * r['killed'] / r['total'] if r['total'] else float('nan')
-    print(f'  {r["name"]:<11} {share:5.1f}%  ({r["killed"]}/{r["total"]}, '
-          f'{len(r["survivors"])} survived, {r["seconds"]:.0f} s)')
+    print(f'  {r["name"]:<11} {share:5.1f}%  ({r["killed"]}/{r["total"]} tested of '
+          f'{r["made"]} made, {len(r["survivors"])} survived, {r["seconds"]:.0f} s)')
 
 
 if __name__ == '__main__':

@@ -372,3 +372,26 @@ def test_apply_masks_keeps_the_dtype_and_checks_shapes():
   with pytest.raises(ValueError) as err:
     prune.apply_masks({'w': w}, {'w': jnp.ones((2, 3), bool)})
   assert str(err.value) == 'Mask shape (2, 3) does not match parameter shape (2, 2).'
+
+
+def test_compress_tree_quant_settings_defaults_and_unknown_keys():
+  params = _params(3)
+  entry = storage.compress_tree(params, quant={'bits': 4}).leaves['layers_0/mlp/kernel']
+  assert (entry['bits'], entry['symmetric'], entry['per_channel'], entry['channel_axis']) == (
+      4, True, True, 1)
+  entry = storage.compress_tree(params, quant={'bits': 4, 'channel_axis': 0, 'symmetric': False}
+                                ).leaves['layers_0/mlp/kernel']
+  assert (entry['symmetric'], entry['channel_axis']) == (False, 0)
+  for bad in ({'bits': 4, 'bit_width': 3}, {'symmetric': True}):
+    with pytest.raises(ValueError) as err:
+      storage.compress_tree(params, quant=bad)
+    assert str(err.value) == ('quant must be a dict with "bits" and optionally symmetric, '
+                              f'per_channel, channel_axis; got keys {sorted(bad)}.')
+
+
+def test_disk_bytes_are_the_sizes_of_every_file_written(tmp_path):
+  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(4),
+                                                                            quant={'bits': 8}))
+  files = [p for p in (tmp_path / 'c').rglob('*') if p.is_file()]
+  assert len(files) > 2
+  assert storage.stored_bytes(directory)['disk_bytes'] == sum(p.stat().st_size for p in files)
