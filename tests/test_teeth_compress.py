@@ -120,6 +120,17 @@ def test_qat_sums_calls_the_task_with_fake_quantized_selected_weights():
       rtol=1e-6)
   sums(params, batch, rng, True)
   assert seen['train'] is True
+  # The other modes, and an include narrower than the default.
+  qat = types.SimpleNamespace(bits=3, symmetric=True, per_channel=True, include=['layers_0/'],
+                              exclude=['bias'])
+  quant.qat_sums(sums_fn, qat)(params, batch, rng, True)
+  got = seen['params']
+  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['kernel']),
+                                _qdq(params['layers_0']['mlp']['kernel'], 3, True, True))
+  np.testing.assert_array_equal(np.asarray(got['layers_1']['mlp']['kernel']),
+                                params['layers_1']['mlp']['kernel'])
+  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['bias']),
+                                params['layers_0']['mlp']['bias'])
   # Straight through: the gradient of the quantized weights' loss is the float one.
   grads = jax.grad(lambda p: sums(p, batch, rng, True)['loss'])(params)
   np.testing.assert_array_equal(np.asarray(grads['layers_0']['mlp']['kernel']), 2.0)
@@ -381,7 +392,10 @@ def test_compress_tree_quant_settings_defaults_and_unknown_keys():
       4, True, True, 1)
   entry = storage.compress_tree(params, quant={'bits': 4, 'channel_axis': 0, 'symmetric': False}
                                 ).leaves['layers_0/mlp/kernel']
-  assert (entry['symmetric'], entry['channel_axis']) == (False, 0)
+  assert (entry['symmetric'], entry['per_channel'], entry['channel_axis']) == (False, True, 0)
+  entry = storage.compress_tree(params, quant={'bits': 4, 'per_channel': False}
+                                ).leaves['layers_0/mlp/kernel']
+  assert (entry['symmetric'], entry['per_channel'], entry['channel_axis']) == (True, False, None)
   for bad in ({'bits': 4, 'bit_width': 3}, {'symmetric': True}):
     with pytest.raises(ValueError) as err:
       storage.compress_tree(params, quant=bad)
