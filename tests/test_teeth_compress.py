@@ -387,9 +387,12 @@ def test_apply_masks_keeps_the_dtype_and_checks_shapes():
 
 def test_compress_tree_quant_settings_defaults_and_unknown_keys():
   params = _params(3)
-  entry = storage.compress_tree(params, quant={'bits': 4}).leaves['layers_0/mlp/kernel']
+  params['layers_1']['conv'] = {'kernel': np.ones((2, 3, 4), np.float32)}
+  compressed = storage.compress_tree(params, quant={'bits': 4})
+  entry = compressed.leaves['layers_0/mlp/kernel']
   assert (entry['bits'], entry['symmetric'], entry['per_channel'], entry['channel_axis']) == (
       4, True, True, 1)
+  assert compressed.leaves['layers_1/conv/kernel']['channel_axis'] == 2  # the last axis
   entry = storage.compress_tree(params, quant={'bits': 4, 'channel_axis': 0, 'symmetric': False}
                                 ).leaves['layers_0/mlp/kernel']
   assert (entry['symmetric'], entry['per_channel'], entry['channel_axis']) == (False, True, 0)
