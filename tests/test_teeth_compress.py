@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from trainbig_jax.compress import prune, storage
 from trainbig_jax.compress import quantize as quant
 
 from test_teeth_numerics import reference_quantize
@@ -137,8 +138,6 @@ def test_qat_sums_calls_the_task_with_fake_quantized_selected_weights():
 
 
 # ----------------------------------------------------------------------------- structured pruning
-
-from trainbig_jax.compress import prune  # noqa: E402
 
 
 def _mlp_block(wi: np.ndarray, wo: np.ndarray) -> dict:
@@ -322,8 +321,6 @@ def test_sparsity_report_counts_zeros_overall_and_per_path():
 
 
 # ----------------------------------------------------------------------------- storage
-
-from trainbig_jax.compress import storage  # noqa: E402
 
 
 @pytest.mark.parametrize('symmetric', [True, False])
