@@ -11,6 +11,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from trainbig_jax.compress import prune, storage
@@ -409,3 +410,18 @@ def test_disk_bytes_are_the_sizes_of_every_file_written(tmp_path):
   files = [p for p in (tmp_path / 'c').rglob('*') if p.is_file()]
   assert len(files) > 2
   assert storage.stored_bytes(directory)['disk_bytes'] == sum(p.stat().st_size for p in files)
+
+
+def test_with_pruning_applies_the_inner_optimizer_then_the_masks():
+  w = np.array([[0.1, -2.0], [3.0, -0.2]], np.float32)
+  params = {'layers_0': {'mlp': {'kernel': jnp.asarray(w)}}}
+  grads = {'layers_0': {'mlp': {'kernel': jnp.ones((2, 2), jnp.float32)}}}
+  tx = prune.with_pruning(optax.sgd(0.5), 0.5, 1, 1)
+  state = tx.init(params)
+  # Step 0 is before begin_step: exactly the inner optimizer's update.
+  updates, state = tx.update(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(updates['layers_0']['mlp']['kernel']), -0.5)
+  # Step 1 prunes half by the magnitudes after the update (w - 0.5): -0.4 and -0.7 go.
+  updates, state = tx.update(grads, state, params)
+  new = np.asarray(optax.apply_updates(params, updates)['layers_0']['mlp']['kernel'])
+  np.testing.assert_array_equal(new, [[0.0, -2.5], [2.5, 0.0]])
