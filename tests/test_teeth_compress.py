@@ -425,3 +425,19 @@ def test_with_pruning_applies_the_inner_optimizer_then_the_masks():
   updates, state = tx.update(grads, state, params)
   new = np.asarray(optax.apply_updates(params, updates)['layers_0']['mlp']['kernel'])
   np.testing.assert_array_equal(new, [[0.0, -2.5], [2.5, 0.0]])
+
+
+def test_gradual_pruning_defaults_recompute_every_step_per_layer():
+  w = jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.float32)
+  params = {'layers_0': {'mlp': {'kernel': w}}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = prune.gradual_magnitude_pruning(0.75, 0, 3)  # default update_every=1, scope='layer'
+  state = tx.init(params)
+  for _ in range(2):  # steps 0 and 1
+    _, state = tx.update(zeros, state, params)
+  # Step 1's sparsity 0.75 * (1 - (2/3)^3) rounds to 2 of 4 weights: the two smallest.
+  np.testing.assert_array_equal(np.asarray(prune.final_masks(state)['layers_0']['mlp']['kernel']),
+                                [[False, False], [True, True]])
+  with pytest.raises(ValueError) as err:
+    prune.final_masks(optax.sgd(0.1).init(params))
+  assert str(err.value) == 'Expected exactly one PruningState in the optimizer state, found 0.'
