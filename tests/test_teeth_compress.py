@@ -441,3 +441,28 @@ def test_gradual_pruning_defaults_recompute_every_step_per_layer():
   with pytest.raises(ValueError) as err:
     prune.final_masks(optax.sgd(0.1).init(params))
   assert str(err.value) == 'Expected exactly one PruningState in the optimizer state, found 0.'
+
+
+def test_gradual_pruning_arguments_are_checked_with_one_clear_error():
+  gmp = prune.gradual_magnitude_pruning
+  gmp(0.5, 3, 3, initial_sparsity=0.5)  # a one-step schedule that starts where it ends
+  for args, kwargs, message in [
+      ((1.0, 0, 2), {}, 'final_sparsity must be in [0, 1), got 1.0.'),
+      ((0.5, 0, 2), {'initial_sparsity': -0.1}, 'initial_sparsity must be in [0, 1), got -0.1.'),
+      ((0.5, 0, 2), {'initial_sparsity': 0.6},
+       'initial_sparsity (0.6) must not exceed final_sparsity (0.5).'),
+      ((0.5, 1.0, 3), {}, 'Need integers 0 <= begin_step <= end_step, got begin_step=1.0, '
+                          'end_step=3.'),
+      ((0.5, 0, 3.0), {}, 'Need integers 0 <= begin_step <= end_step, got begin_step=0, '
+                          'end_step=3.0.'),
+      ((0.5, 4, 3), {}, 'Need integers 0 <= begin_step <= end_step, got begin_step=4, '
+                        'end_step=3.'),
+      ((0.5, -1, 3), {}, 'Need integers 0 <= begin_step <= end_step, got begin_step=-1, '
+                         'end_step=3.'),
+      ((0.5, 0, 3), {'update_every': 0}, 'update_every must be an integer >= 1, got 0.'),
+      ((0.5, 0, 3), {'update_every': 2.0}, 'update_every must be an integer >= 1, got 2.0.'),
+      ((0.5, 0, 3), {'scope': 'model'}, "scope must be one of ('layer', 'global'), got 'model'."),
+  ]:
+    with pytest.raises(ValueError) as err:
+      gmp(*args, **kwargs)
+    assert str(err.value) == message
