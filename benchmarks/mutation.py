@@ -131,8 +131,10 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
   if retest_survivors or resume:
     # A changed test selection makes mutmut forget every verdict, so the last run's verdicts
     # are kept here and only those of the mutants tested now are replaced.
-    previous = (json.loads(saved.read_text()) if saved.exists()
-                else _statuses(mutmut, work, env))
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    # mutmut's own verdicts are newer where it has one (a stopped run saves none here).
+    previous.update({k: v for k, v in _statuses(mutmut, work, env).items()
+                     if v != NOT_TESTED or k not in previous})
   if retest_survivors:  # mutmut reruns the mutants it is given by name
     names = [k for k, v in previous.items() if v not in KILLED and v != NOT_TESTED]
   start = time.time()
