@@ -466,3 +466,21 @@ def test_gradual_pruning_arguments_are_checked_with_one_clear_error():
     with pytest.raises(ValueError) as err:
       gmp(*args, **kwargs)
     assert str(err.value) == message
+
+
+def test_loading_checks_payload_checksums_and_names_unreadable_arrays(tmp_path):
+  import json
+  import shutil
+  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
+  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
+  manifest = json.loads(manifest_path.read_text())
+  manifest['leaves'][0]['arrays']['values']['sha256'] = '0' * 64
+  manifest_path.write_text(json.dumps(manifest))
+  path = manifest['leaves'][0]['path']
+  with pytest.raises(storage.CompressedCheckpointError,
+                     match=f"^Array 'values' of '{path}' in .* does not match its checksum"):
+    storage.load_compressed(directory)
+  shutil.rmtree(tmp_path / 'c' / storage.ARRAYS_DIR)
+  with pytest.raises(storage.CompressedCheckpointError,
+                     match=r'^Cannot read the arrays of compressed checkpoint .*/arrays: \S'):
+    storage.load_compressed(directory)
