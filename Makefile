@@ -44,7 +44,7 @@ $(VENV)/.mutation: $(VENV)/.test
 # Mutation testing of the modules that decide results (benchmarks/mutation.py): CPU heavy, so
 # niced; not part of `make test`. MODULES=claims plan ... runs some of them.
 mutation: $(VENV)/.mutation
-	nice -n 10 $(BIN)/python benchmarks/mutation.py $(MODULES)
+	nice -n 19 $(BIN)/python benchmarks/mutation.py $(MODULES)
 
 # The demo figures and tables shown in README.md: a demo run, copied into docs/demo/.
 docs-demo: demo
