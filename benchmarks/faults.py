@@ -393,12 +393,17 @@ def _sweep_args(workdir: Path) -> list[str]:
 def sweep_scenario(root: Path, kills: int, rng: random.Random) -> Outcome:
   reference, workdir, log = root / 'sweep_reference', root / 'sweep', root / 'sweep.log'
   ref_s = _run_to_end(_sweep_args(reference), root / 'sweep_reference.log')
-  records, notes, clean_lines = [], [], True
+  total_cells = len((reference / 'results.jsonl').read_text().splitlines())
+  records, notes, clean_lines, done = [], [], True, 0
   start = time.perf_counter()
   while len(records) < kills:
     t0 = time.perf_counter()
     proc = _start(_sweep_args(workdir), log)
-    if _wait_for(proc, lambda: False, rng.uniform(2.0, 0.6 * ref_s)) or proc.poll() is not None:
+    # A rerun skips the cells already written, so each kill aims within what is left of the
+    # work (else a short sweep finishes before all its kills are made).
+    remaining = max(0.1, 1.0 - done / total_cells)
+    if (_wait_for(proc, lambda: False, rng.uniform(2.0, 0.6 * ref_s * remaining))
+        or proc.poll() is not None):
       proc.wait()
       notes.append(f'the sweep finished after {len(records)} kills')
       break
@@ -407,6 +412,7 @@ def sweep_scenario(root: Path, kills: int, rng: random.Random) -> Outcome:
     results = workdir / 'results.jsonl'
     cells = [json.loads(l)['cell'] for l in results.read_text().splitlines()
              if _is_json(l)] if results.exists() else []
+    done = len(cells)
     records.append(Kill('random', time.perf_counter() - t0, f'{len(cells)} cells done', -1, -1))
   _run_to_end(_sweep_args(workdir), log)
   lines = (workdir / 'results.jsonl').read_text().split('\n')
