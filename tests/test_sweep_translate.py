@@ -17,14 +17,6 @@ from trainbig_jax.tasks import translate as translate_task
 from trainbig_jax.train import loop
 
 
-@pytest.fixture(scope='module', autouse=True)
-def reuse_compiled_programs(compilation_cache):
-  """The cells of a size run the same evaluation programs, and the tiny translation models
-  those of tests/test_translate_task.py: compiled once."""
-  with compilation_cache():
-    yield
-
-
 @pytest.fixture(scope='module')
 def translation_sweep(tmp_path_factory):
   """The sweep's folder, and what its checkpoint evaluations ran: one per evaluated cell,

@@ -14,14 +14,6 @@ from trainbig_jax.train.metrics import read_metrics
 from trainbig_jax.translator import translate_file
 
 
-@pytest.fixture(scope='module', autouse=True)
-def reuse_compiled_programs(compilation_cache):
-  """Runs of the tiny translation model repeat their programs (training, evaluation,
-  decoding): compiled once."""
-  with compilation_cache():
-    yield
-
-
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('translate')
