@@ -103,9 +103,12 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
   damaged line in the middle of the file (which `read_jsonl` would then refuse).
   """
   path = Path(path)
-  if path.exists():
-    data = path.read_bytes()
-    if data and not data.endswith(b'\n'):
+  if path.exists() and path.stat().st_size:
+    with open(path, 'rb') as f:  # only the last byte, unless the line is torn
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b'\n'
+    if torn:
+      data = path.read_bytes()
       os.truncate(path, data.rfind(b'\n') + 1)
   with open(path, 'a', encoding='utf-8') as f:
     f.write(json.dumps(record) + '\n')
