@@ -3,6 +3,7 @@ session-wide data folder where the embedded corpora are prepared once."""
 
 import contextlib
 import os
+import shutil
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -22,6 +23,19 @@ def data_dir(tmp_path_factory):
     os.environ.pop('TRAINBIG_DATA_DIR', None)
   else:
     os.environ['TRAINBIG_DATA_DIR'] = old
+
+
+@pytest.fixture(scope='session')
+def unprivileged() -> list[str] | None:
+  """A command prefix under which permission bits stop writes, or None where there is none.
+  Root ignores them (its CAP_DAC_OVERRIDE capability): as root, commands run without it
+  through setpriv; callers skip when it is None."""
+  if os.geteuid() != 0:
+    return []
+  if shutil.which('setpriv') is None:
+    return None
+  caps = '-dac_override,-dac_read_search'
+  return ['setpriv', f'--bounding-set={caps}', f'--inh-caps={caps}']
 
 
 @pytest.fixture(scope='session')

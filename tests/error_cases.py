@@ -20,7 +20,8 @@ class Case:
 
   kind says how the test runs it: 'cli' runs the argv through the CLI entry point ({run},
   {tmp}, {file} and {compressed} are replaced by a finished run folder, a fresh folder, an
-  existing file and a compressed checkpoint); 'pretrain', 'finetune', 'compress' and
+  existing file and a compressed checkpoint; {readonly} and {readonly_parent} by a copy of
+  the run and an empty folder, neither writable); 'pretrain', 'finetune', 'compress' and
   'sweep' override the named config fields of that command's test preset; 'target' runs a
   command on a damaged or unusual folder made by the named recipe.
   """
@@ -74,6 +75,13 @@ CASES: tuple[Case, ...] = (
     Case('cli:workdir under a file', 'cli', ('train', '--config=configs/pretrain.py:tiny',
                                              '--workdir={file}/run'),
          'which is a file', '`--workdir=` a path under an existing file'),
+    Case('cli:workdir not writable', 'cli', ('train', '--config=configs/pretrain.py:tiny',
+                                              '--workdir={readonly}'),
+         'is not writable (Permission denied)',
+         '`--workdir=` a run folder without write permission'),
+    Case('cli:workdir parent not writable', 'cli',
+         ('train', '--config=configs/pretrain.py:tiny', '--workdir={readonly_parent}/run'),
+         'cannot be created', '`--workdir=` a new folder inside one without write permission'),
     Case('cli:eval missing', 'cli', ('eval', '--checkpoint={tmp}/nope'), 'does not exist',
          '`eval --checkpoint=` a path that does not exist'),
     # ------------------------------------------------------------ pretraining configs

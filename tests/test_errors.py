@@ -235,22 +235,42 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def _run_cli(argv: list[str]) -> tuple[int, str]:
+def _read_only_folders(run: Path, readonly: Path, readonly_parent: Path,
+                       unprivileged: list[str] | None) -> list[str]:
+  """A copy of `run` and an empty folder, every folder of both without write permission;
+  returns the prefix that makes the command subject to permission bits."""
+  if unprivileged is None:
+    pytest.skip('running as root without setpriv: permission bits cannot stop a write')
+  _copy(run, readonly)
+  readonly_parent.mkdir()
+  for root in (readonly, readonly_parent):
+    for folder in [root, *(p for p in root.rglob('*') if p.is_dir())]:
+      folder.chmod(0o555)
+  return unprivileged
+
+
+def _run_cli(argv: list[str], prefix: list[str] = ()) -> tuple[int, str]:
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  result = subprocess.run([sys.executable, '-m', 'trainbig_jax.cli', *argv], env=env, cwd=ROOT,
+  result = subprocess.run([*prefix, sys.executable, '-m', 'trainbig_jax.cli', *argv], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
   return result.returncode, result.stderr
 
 
-def _failure(case: Case, run: Path, compressed: Path, tmp: Path) -> str:
+def _failure(case: Case, run: Path, compressed: Path, tmp: Path,
+             unprivileged: list[str] | None = None) -> str:
   """Runs the case; returns the one line the user gets."""
   if case.kind == 'cli':
     (tmp / 'config.yaml').write_text('model:\n  hidden: [32\n')
     (tmp / 'binary.py').write_bytes(b'\xff\xfe config')
     (tmp / 'noget.py').write_text('x = 1\n')
-    argv = [a.format(run=run, tmp=tmp, file=tmp / 'config.yaml', compressed=compressed)
-            for a in case.args]
-    code, stderr = _run_cli(argv)
+    # Read-only folders live beside `tmp`, whose content the test checks.
+    readonly, readonly_parent = tmp.parent / 'readonly', tmp.parent / 'readonly_parent'
+    argv = [a.format(run=run, tmp=tmp, file=tmp / 'config.yaml', compressed=compressed,
+                     readonly=readonly, readonly_parent=readonly_parent) for a in case.args]
+    prefix = []
+    if any('{readonly' in a for a in case.args):
+      prefix = _read_only_folders(run, readonly, readonly_parent, unprivileged)
+    code, stderr = _run_cli(argv, prefix)
     lines = [l for l in stderr.splitlines() if l.startswith('trainbig: error: ')]
     assert code == 2 and len(lines) == 1, stderr
     assert 'Traceback' not in stderr, stderr
@@ -279,7 +299,7 @@ def _failure(case: Case, run: Path, compressed: Path, tmp: Path) -> str:
 
 @pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_and_writes_nothing(case, tiny_run, compressed, tmp_path,
-                                                  monkeypatch):
+                                                  monkeypatch, unprivileged):
   monkeypatch.chdir(ROOT)
   tmp = tmp_path / 'case'
   tmp.mkdir()
@@ -296,9 +316,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_run, compressed, tm
   monkeypatch.setattr(sys.modules[__name__], '_target', snapshot_after_setup)
   if case.kind != 'target':
     snapshots['tmp'] = _tree(tmp) if case.kind != 'cli' else None
-  message = _failure(case, tiny_run, compressed, tmp)
+  message = _failure(case, tiny_run, compressed, tmp, unprivileged)
   assert case.message in message, message
   assert _tree(tiny_run, compressed) == shared
+  if (tmp_path / 'readonly').exists():  # the refused read-only run: every byte kept
+    relative = lambda root: {k[len(str(root)):]: v for k, v in _tree(root).items()}
+    assert relative(tmp_path / 'readonly') == relative(tiny_run)
+    assert not any((tmp_path / 'readonly_parent').iterdir())
   if snapshots.get('tmp') is not None:
     assert _tree(tmp) == snapshots['tmp'], 'the failed command wrote or changed files'
   else:  # cli: only the three input files made for it

@@ -27,16 +27,31 @@ class RunFolderBusyError(ValueError):
 
 
 def check_folder_path(folder: str | os.PathLike, flag: str = '--workdir') -> None:
-  """A run folder path must be a folder or not exist yet (a file there is a user error)."""
+  """A run folder path must be a folder we may write, or a new one we may create.
+
+  Checked before any work, so that a folder that cannot be written fails in one line naming
+  it, not at the first file the command happens to write (a bare 'Permission denied').
+  """
   path = Path(folder)
-  if path.exists() and not path.is_dir():
-    raise NotADirectoryError(f'{flag}={folder} is a file, not a folder; give a new or an '
-                             f'existing run folder.')
+  if path.exists():
+    if not path.is_dir():
+      raise NotADirectoryError(f'{flag}={folder} is a file, not a folder; give a new or an '
+                               f'existing run folder.')
+    _check_writable(path, f'{flag}={folder} is not writable')
+    return
   for parent in path.absolute().parents:
     if parent.exists():
       if not parent.is_dir():
         raise NotADirectoryError(f'{flag}={folder} lies under {parent}, which is a file.')
+      _check_writable(parent, f'{flag}={folder} cannot be created: {parent} is not writable')
       break
+
+
+def _check_writable(folder: Path, what: str) -> None:
+  # os.access asks the kernel with this process's rights (root's override included).
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise PermissionError(f'{what} (Permission denied); the command writes its checkpoints, '
+                          'metrics and lock there: make it writable or give another folder.')
 
 
 @contextlib.contextmanager
