@@ -14,8 +14,17 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session', autouse=True)
 def data_dir(tmp_path_factory):
-  """TRAINBIG_DATA_DIR for the whole session (unless the caller set one to reuse)."""
-  path = os.environ.get('TRAINBIG_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('tfds'))
+  """TRAINBIG_DATA_DIR for the whole session (unless the caller set one to reuse).
+
+  Under pytest-xdist the workers share one folder (beside their own temporary folders), so
+  each corpus is prepared once; preparation holds a file lock (data/sources.py).
+  """
+  path = os.environ.get('TRAINBIG_TEST_DATA_DIR')
+  if not path and os.environ.get('PYTEST_XDIST_WORKER'):
+    path = tmp_path_factory.getbasetemp().parent / 'tfds'
+    path.mkdir(exist_ok=True)
+    path = str(path)
+  path = path or str(tmp_path_factory.mktemp('tfds'))
   old = os.environ.get('TRAINBIG_DATA_DIR')
   os.environ['TRAINBIG_DATA_DIR'] = path
   yield path
