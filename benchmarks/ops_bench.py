@@ -1,11 +1,17 @@
-"""Two elementwise costs the CPU profile showed (benchmarks/profile_step.py), old vs new.
+"""Costs the CPU profile showed (benchmarks/profile_step.py), old vs new.
 
   python benchmarks/ops_bench.py [--rounds=7]
+  python benchmarks/ops_bench.py --dense [--hidden=512] [--rounds=9]
 
 GELU forward + backward on a [4096, 2048] fp32 activation (the MLP's width at 6 x 512, batch
 32 x 128): jax.nn.gelu(approximate=False) (through erfc) against the encoder's `gelu` (through
 erf) and, for scale, the tanh approximation RoBERTa does not use. MLM accuracy over a
 [32, 20, 8000] logit block: argmax == target against target logit >= max logit (train/steps.py).
+With --dense: the Dense products of the train step at [4096 tokens, hidden] (FFN 4x): the
+forward x @ W, the input gradient dy @ W^T and the kernel gradient x^T @ dy as jax's VJP
+emits them and in other layouts (a materialised transposed operand behind an optimization
+barrier, so that XLA does not fold the transpose back into the dot), and a whole Dense
+forward + backward through jax's VJP against models/dense.py's (transposed_input).
 Variants alternate; medians; the load average is printed with them.
 """
 
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trainbig_jax.models.dense import transposed_input_dot_general
 from trainbig_jax.models.encoder import gelu
 
 
@@ -33,10 +40,53 @@ def timed_alternating(fns: dict, args: tuple, rounds: int) -> dict[str, float]:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _contract(a: jax.Array, b: jax.Array, axis_a: int, axis_b: int) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((axis_a,), (axis_b,)), ((), ())))
+
+
+def dense_products(tokens: int, hidden: int, rounds: int) -> None:
+  """Each Dense product of one layer, in the layout jax's VJP uses and in others."""
+  barrier = jax.lax.optimization_barrier
+  for d_in, d_out in ((hidden, hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (tokens, d_in))
+    w = jax.random.normal(k[1], (d_in, d_out)) * d_in ** -0.5
+    dy = jax.random.normal(k[2], (tokens, d_out))
+    products = {
+        'forward x @ W': (lambda x, w, dy: x @ w),
+        'dX: dy @ W^T (jax)': (lambda x, w, dy: _contract(dy, w, 1, 1)),
+        'dX: dy @ barrier(W.T)': (lambda x, w, dy: dy @ barrier(w.T)),
+        'dW: x^T @ dy (jax)': (lambda x, w, dy: _contract(x, dy, 0, 0)),
+        'dW: barrier(x.T) @ dy': (lambda x, w, dy: barrier(x.T) @ dy),
+        'dW: (barrier(dy.T) @ x).T': (lambda x, w, dy: (barrier(dy.T) @ x).T),
+    }
+    fns = {name: jax.jit(f) for name, f in products.items()}
+    layers = {
+        'Dense fwd+bwd, jax VJP': jax.lax.dot_general,
+        'Dense fwd+bwd, transposed_input': transposed_input_dot_general,
+    }
+    for name, dot_general in layers.items():
+      def loss(x, w, dy, dot_general=dot_general):
+        return jnp.sum(dot_general(x, w, (((1,), (0,)), ((), ()))) * dy)
+      fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    medians = timed_alternating(fns, (x, w, dy), rounds)
+    print(f'[{tokens}, {d_in}] x [{d_in}, {d_out}] fp32, load average '
+          f'{os.getloadavg()[0]:.1f}:')
+    for name, t in medians.items():
+      flop = 2 * tokens * d_in * d_out * (3 if name.startswith('Dense') else 1)
+      print(f'  {name:34s} {t * 1e3:8.1f} ms  {flop / t / 1e9:6.1f} GFLOP/s')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--rounds', type=int, default=7)
+  parser.add_argument('--dense', action='store_true', help='the Dense products instead')
+  parser.add_argument('--hidden', type=int, default=512, help='with --dense')
+  parser.add_argument('--tokens', type=int, default=4096, help='with --dense')
   args = parser.parse_args()
+  if args.dense:
+    dense_products(args.tokens, args.hidden, args.rounds)
+    return
   x = jax.random.normal(jax.random.key(0), (4096, 2048))
   variants = {'jax.nn.gelu (erfc)': lambda y: jax.nn.gelu(y, approximate=False),
               'encoder gelu (erf)': gelu,
