@@ -13,7 +13,8 @@ seen by the op's thread (ops on different threads overlap, so shares are of summ
 One blind spot: a plain HLO `dot` (XLA CPU's Eigen path, for contractions YNNPACK does not
 take, such as a Dense kernel's gradient x^T @ dy) is traced as its launch only, a few ms; its
 work runs on the thread pool beside the ops that follow, which then look up to twice as slow
-as they are. Such dots are listed with their launch time and counted in a note.
+as they are. Such dots are listed with their launch time and counted in a note; each top
+op's overlap with other traced ops is printed beside it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def plain_dots(hlo_text: str) -> set[str]:
   """Names of the HLO `dot` instructions. A dot inside a fusion is never traced under its own
   name, so the traced ones among these are the unfused dots: the Eigen path."""
   return set(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = \S+ dot\(', hlo_text, re.M))
+
+
+def overlapped_share(span: tuple[float, float], others: list[tuple[float, float]]) -> float:
+  """The share of `span` (start, end) during which at least one of `others` also ran."""
+  start, end = span
+  cuts = sorted((max(s, start), min(e, end)) for s, e in others if s < end and e > start)
+  covered, reach = 0.0, start
+  for s, e in cuts:
+    covered += max(0.0, e - max(s, reach))
+    reach = max(reach, e)
+  return covered / (end - start) if end > start else 0.0
 
 
 def group_of(name: str, op_name: str) -> str:
@@ -96,10 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     trace_file = glob.glob(f'{out}/**/*.trace.json.gz', recursive=True)[0]
     trace = json.load(gzip.open(trace_file))
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  per_op = collections.Counter()
+  per_op, spans = collections.Counter(), collections.defaultdict(list)
   for e in events:
     if e.get('ph') == 'X' and e.get('name') in index:
       per_op[e['name']] += e['dur'] / 1e3 / ours.steps  # ms per step
+      spans[e['name']].append((e['ts'], e['ts'] + e['dur']))
+  all_spans = [(span, name) for name, ss in spans.items() for span in ss]
   total = sum(per_op.values())
   groups = collections.Counter()
   for name, ms in per_op.items():
@@ -110,12 +124,14 @@ def main(argv: list[str] | None = None) -> None:
         f'wall {wall_ms:.0f} ms/step')
   for g, ms in groups.most_common():
     print(f'  {ms:9.1f} ms  {ms / total:5.1%}  {g}')
-  print(f'top {ours.top} ops:')
+  print(f'top {ours.top} ops (overlap: share of the op\'s time another traced op also ran):')
   for name, ms in per_op.most_common(ours.top):
     shape, op_name = index[name]
     launch = ' (launch only)' if name in eigen_dots else ''
-    print(f'  {ms:9.1f} ms  {ms / total:5.1%}  {name + launch:32s} {shape:28s} '
-          f'{op_name[-90:]}')
+    overlap = sum(overlapped_share(span, [o for o, other in all_spans if other != name])
+                  for span in spans[name]) / len(spans[name])
+    print(f'  {ms:9.1f} ms  {ms / total:5.1%}  overlap {overlap:4.0%}  {name + launch:32s} '
+          f'{shape:28s} {op_name[-90:]}')
   traced = [name for name in per_op if name in eigen_dots]
   if traced:
     print(f'note: {len(traced)} plain `dot` ops (the Eigen path) are traced as their launch '

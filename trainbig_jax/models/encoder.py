@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trainbig_jax.models.dense import resolve_dense_grad, transposed_input_dot_general
 from trainbig_jax.models.axes import (ACT_EMBED, ACT_HEADS, ACT_MLP, BATCH, CLASSES, EMBED,
                                       HEADS, LAYERS, LENGTH, MLP, POSITION,
                                       VOCAB)
@@ -66,19 +65,15 @@ class EncoderConfig:
   scan_layers: bool = False
   remat: str = 'none'
   attention: str = 'auto'  # one of ATTENTION
-  dense_grad: str = 'xla'  # one of models.dense.DENSE_GRAD
 
   @property
   def head_dim(self) -> int:
     return self.hidden // self.num_heads
 
 
-def _dense(features: int, axes: tuple[str, str], dtype, name: str,
-           dense_grad: str = 'xla') -> nn.Dense:
-  dot_general = (transposed_input_dot_general
-                 if resolve_dense_grad(dense_grad) == 'transposed_input' else None)
+def _dense(features: int, axes: tuple[str, str], dtype, name: str) -> nn.Dense:
   return nn.Dense(
-      features, dtype=dtype, param_dtype=jnp.float32, name=name, dot_general=dot_general,
+      features, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
@@ -112,7 +107,7 @@ class SelfAttention(nn.Module):
     b, l, _ = x.shape
 
     def heads(name):
-      y = _dense(cfg.hidden, (EMBED, HEADS), dtype, name, cfg.dense_grad)(x)
+      y = _dense(cfg.hidden, (EMBED, HEADS), dtype, name)(x)
       y = _constrain(y, BATCH, LENGTH, ACT_HEADS)
       return y.reshape(b, l, cfg.num_heads, cfg.head_dim)
 
@@ -134,7 +129,7 @@ class SelfAttention(nn.Module):
                                        implementation='xla')
     y = y.reshape(b, l, cfg.hidden)
     y = _constrain(y, BATCH, LENGTH, ACT_HEADS)
-    return _dense(cfg.hidden, (HEADS, EMBED), dtype, 'out', cfg.dense_grad)(y)
+    return _dense(cfg.hidden, (HEADS, EMBED), dtype, 'out')(y)
 
 
 def attention_implementation(cfg: EncoderConfig) -> str:
@@ -166,10 +161,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     dtype = DTYPES[self.cfg.dtype]
-    h = _dense(self.cfg.mlp_dim, (EMBED, MLP), dtype, 'wi', self.cfg.dense_grad)(x)
+    h = _dense(self.cfg.mlp_dim, (EMBED, MLP), dtype, 'wi')(x)
     h = gelu(h)
     h = _constrain(h, BATCH, LENGTH, ACT_MLP)
-    return _dense(self.cfg.hidden, (MLP, EMBED), dtype, 'wo', self.cfg.dense_grad)(h)
+    return _dense(self.cfg.hidden, (MLP, EMBED), dtype, 'wo')(h)
 
 
 class EncoderLayer(nn.Module):
@@ -220,7 +215,7 @@ class MlmHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, embed: Embeddings) -> jax.Array:
     cfg = self.cfg
-    h = _dense(cfg.hidden, (EMBED, ACT_EMBED), DTYPES[cfg.dtype], 'dense', cfg.dense_grad)(x)
+    h = _dense(cfg.hidden, (EMBED, ACT_EMBED), DTYPES[cfg.dtype], 'dense')(x)
     h = _layer_norm(cfg, 'norm')(gelu(h))
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                             (VOCAB,)), (cfg.vocab_size,))
