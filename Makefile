@@ -34,8 +34,9 @@ apt-lists:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then apt-get update -qq; fi
 
+# Two pytest-xdist workers: the tests spend much of their time in one-threaded XLA compiles.
 test: $(VENV)/.test apt-lists
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 $(VENV)/.mutation: $(VENV)/.test
 	$(BIN)/pip install --quiet -e '.[test,mutation]'
