@@ -108,15 +108,20 @@ def test_qat_sums_calls_the_task_with_fake_quantized_selected_weights():
                               include=[r'layers_\d+/mlp/kernel$'], exclude=['layers_1/'])
   sums = quant.qat_sums(sums_fn, qat)
   batch, rng = {'inputs': np.arange(3)}, jax.random.key(7)
+
+  def assert_only_first_kernel_quantized(symmetric, per_channel):
+    got = seen['params']
+    np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['kernel']),
+                                  _qdq(params['layers_0']['mlp']['kernel'], 3, symmetric,
+                                       per_channel))
+    for unchanged in (('layers_1', 'kernel'), ('layers_0', 'bias')):
+      layer, leaf = unchanged
+      np.testing.assert_array_equal(np.asarray(got[layer]['mlp'][leaf]),
+                                    params[layer]['mlp'][leaf])
+
   out = sums(params, batch, rng, False)
   assert seen['batch'] is batch and seen['rng'] is rng and seen['train'] is False
-  got = seen['params']
-  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['kernel']),
-                                _qdq(params['layers_0']['mlp']['kernel'], 3, False, False))
-  np.testing.assert_array_equal(np.asarray(got['layers_1']['mlp']['kernel']),
-                                params['layers_1']['mlp']['kernel'])
-  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['bias']),
-                                params['layers_0']['mlp']['bias'])
+  assert_only_first_kernel_quantized(False, False)
   np.testing.assert_allclose(
       float(out['loss']), 2.0 * _qdq(params['layers_0']['mlp']['kernel'], 3, False, False).sum(),
       rtol=1e-6)
@@ -126,13 +131,7 @@ def test_qat_sums_calls_the_task_with_fake_quantized_selected_weights():
   qat = types.SimpleNamespace(bits=3, symmetric=True, per_channel=True, include=['layers_0/'],
                               exclude=['bias'])
   quant.qat_sums(sums_fn, qat)(params, batch, rng, True)
-  got = seen['params']
-  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['kernel']),
-                                _qdq(params['layers_0']['mlp']['kernel'], 3, True, True))
-  np.testing.assert_array_equal(np.asarray(got['layers_1']['mlp']['kernel']),
-                                params['layers_1']['mlp']['kernel'])
-  np.testing.assert_array_equal(np.asarray(got['layers_0']['mlp']['bias']),
-                                params['layers_0']['mlp']['bias'])
+  assert_only_first_kernel_quantized(True, True)
   # Straight through: the gradient of the quantized weights' loss is the float one.
   grads = jax.grad(lambda p: sums(p, batch, rng, True)['loss'])(params)
   np.testing.assert_array_equal(np.asarray(grads['layers_0']['mlp']['kernel']), 2.0)
