@@ -17,6 +17,14 @@ docs/mutation.md, and every other survivor should get a test.
   python benchmarks/mutation.py --max_children=1 --show_diffs storage
   python benchmarks/mutation.py --retest_survivors prune   # after adding tests
   python benchmarks/mutation.py --resume storage           # go on after a stopped run
+  python benchmarks/mutation.py --sample=40 --seed=0 loop   # a uniform random sample of mutants
+  python benchmarks/mutation.py --sample=60 --seed=0 --resume loop   # grow that sample to 60
+
+A sample run tests N mutants drawn uniformly at random (seeded) from all the module's mutants
+and reports the kill rate over the sample with its 95% Wilson interval: the way to measure the
+modules whose covering tests compile and train a model, where a full run takes hours on 2
+cores. The draw is a seeded shuffle of every mutant's name, so a larger N with the same seed
+keeps the first sample and adds to it (`--resume` tests only the ones not yet tested).
 
 It is CPU heavy: run it under `nice` on a shared machine (`make mutation` does).
 """
@@ -25,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -106,6 +116,47 @@ use_git_change_detection = false
   return work
 
 
+# Makes mutmut's mutants (the first phase of `mutmut run`) without running any test, so that a
+# sample can be drawn from their names before the run.
+_GENERATE = '''
+import os
+import mutmut.__main__ as m
+m.set_mutant_under_test('mutant_generation')
+os.makedirs('mutants', exist_ok=True)
+m.copy_src_dir()
+m.copy_also_copy_files()
+m.setup_source_paths()
+m.create_mutants(1)
+'''
+
+
+def mutant_names(name: str, work: Path, env: dict) -> list[str]:
+  """Every mutant mutmut makes of the module, sorted (generating them if not yet made)."""
+  meta = work / 'mutants' / (MODULES[name][0] + '.meta')
+  if not meta.exists():
+    subprocess.run([sys.executable, '-c', _GENERATE], cwd=work, env=env, check=True,
+                   capture_output=True)
+  return sorted(json.loads(meta.read_text())['exit_code_by_key'])
+
+
+def draw_sample(names: list[str], size: int, seed: int) -> list[str]:
+  """A uniform random sample of `size` names: the first `size` of a seeded shuffle, so a
+  larger size with the same seed extends the smaller sample."""
+  order = list(names)
+  random.Random(seed).shuffle(order)
+  return order[:size]
+
+
+def wilson_interval(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The 95% Wilson score interval of a binomial share killed / n."""
+  if n == 0:
+    return 0.0, 1.0
+  p = killed / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _statuses(mutmut: list[str], work: Path, env: dict) -> dict[str, str]:
   out = subprocess.run(mutmut + ['results', '--all', 'true'], cwd=work, env=env,
                        capture_output=True, text=True).stdout
@@ -118,7 +169,8 @@ def _statuses(mutmut: list[str], work: Path, env: dict) -> dict[str, str]:
 
 
 def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
-               retest_survivors: bool = False, resume: bool = False) -> dict:
+               retest_survivors: bool = False, resume: bool = False,
+               sample: int | None = None, seed: int = 0) -> dict:
   work = prepare(name, work_root, keep_results=retest_survivors or resume)
   env = dict(os.environ)
   env.pop('PYTHONPATH', None)  # mutmut puts its mutants/ copy first on the path itself
@@ -137,26 +189,48 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                      if v != NOT_TESTED or k not in previous})
   if retest_survivors:  # mutmut reruns the mutants it is given by name
     names = [k for k, v in previous.items() if v not in KILLED and v != NOT_TESTED]
+  sample_file = work / 'sample.json'
+  if sample is not None:  # the sample is recorded beside the statuses, for later resumes
+    drawn = draw_sample(mutant_names(name, work, env), sample, seed)
+    sample_file.write_text(json.dumps({'seed': seed, 'size': sample, 'names': drawn}, indent=0))
+  in_sample = set(json.loads(sample_file.read_text())['names']) if sample_file.exists() else None
+  if in_sample is not None and not retest_survivors:
+    # a sample's mutants not yet tested (all of them on a fresh run), by name
+    names = sorted(k for k in in_sample if previous.get(k, NOT_TESTED) == NOT_TESTED)
+    if not names:
+      print(f'{name}: every mutant of the sample is already tested', flush=True)
   start = time.time()
   log = work / ('mutmut-retest.log' if retest_survivors else 'mutmut-run.log')
   with open(log, 'w') as f:
-    proc = subprocess.run(mutmut + ['run', f'--max-children={max_children}'] + names, cwd=work,
-                          env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc = (subprocess.run(mutmut + ['run', f'--max-children={max_children}'] + names, cwd=work,
+                           env=env, stdout=f, stderr=subprocess.STDOUT)
+            if names or in_sample is None else subprocess.CompletedProcess([], 0))
   seconds = time.time() - start
   statuses = _statuses(mutmut, work, env)
   for k, v in previous.items():
     if statuses.get(k, NOT_TESTED) == NOT_TESTED or (names and k not in names):
       statuses[k] = v
   saved.write_text(json.dumps(statuses, indent=0, sort_keys=True))
-  tested = {k: v for k, v in statuses.items() if v != NOT_TESTED}
+  tested = {k: v for k, v in statuses.items()
+            if v != NOT_TESTED and (in_sample is None or k in in_sample)}
   survivors = sorted(k for k, v in tested.items() if v not in KILLED)
   killed = len(tested) - len(survivors)
   result = {'name': name, 'module': MODULES[name][0], 'total': len(tested), 'killed': killed,
             'made': len(statuses), 'survivors': {k: statuses[k] for k in survivors},
-            'seconds': seconds, 'returncode': proc.returncode, 'log': str(log)}
+            'seconds': seconds, 'returncode': proc.returncode, 'log': str(log),
+            'sample': None if in_sample is None else len(in_sample)}
   share = killed / len(tested) if tested else float('nan')
-  untested = (f'  ({len(statuses) - len(tested)} of {len(statuses)} not tested: run stopped; '
-              f'--resume goes on)' if len(tested) < len(statuses) else '')
+  if in_sample is not None:
+    low, high = wilson_interval(killed, len(tested))
+    result['interval'] = (low, high)
+    untested = (f'  (a SAMPLE: {len(tested)} of {len(in_sample)} drawn at random from '
+                f'{len(statuses)} mutants; 95% Wilson interval {100 * low:.1f}-{100 * high:.1f}%'
+                + (f'; {len(in_sample) - len(tested)} of the sample not tested: run stopped, '
+                   f'--resume goes on, and the tested part is no longer uniform'
+                   if len(tested) < len(in_sample) else '') + ')')
+  else:
+    untested = (f'  ({len(statuses) - len(tested)} of {len(statuses)} not tested: run stopped; '
+                f'--resume goes on)' if len(tested) < len(statuses) else '')
   print(f'{name:<11} {killed:>4}/{len(tested):<4} killed ({100 * share:5.1f}%)  '
         f'{seconds:6.0f} s  {MODULES[name][0]}{untested}', flush=True)
   if proc.returncode != 0 or not statuses:
@@ -184,19 +258,30 @@ def main() -> None:
   parser.add_argument('--resume', action='store_true',
                       help='keep the last run\'s results and test only the mutants it did not '
                            'reach (a stopped run)')
+  parser.add_argument('--sample', type=int, default=None, metavar='N',
+                      help='test a uniform random sample of N of each module\'s mutants (and '
+                           'report the kill rate with its 95%% Wilson interval); with --resume, '
+                           'grows the last sample to N')
+  parser.add_argument('--seed', type=int, default=0, help='the sample\'s random seed')
   args = parser.parse_args()
+  if args.sample is not None and (args.sample < 1 or args.retest_survivors):
+    parser.error(f'--sample must be a positive count and cannot go with --retest_survivors; '
+                 f'got --sample={args.sample}')
   names = args.modules or list(MODULES)
   unknown = [n for n in names if n not in MODULES]
   if unknown:
     parser.error(f'unknown module(s) {", ".join(unknown)}; known: {", ".join(MODULES)}')
   print(f'{"module":<11} killed/total            time  file', flush=True)
   results = [run_module(n, Path(args.work_dir), args.max_children, args.show_diffs,
-                        args.retest_survivors, args.resume) for n in names]
+                        args.retest_survivors, args.resume, args.sample, args.seed)
+             for n in names]
   print('\nsummary (share of mutants killed):')
   for r in results:
     share = 100 * r['killed'] / r['total'] if r['total'] else float('nan')
+    sample = (f', a random sample of {r["sample"]}: 95% interval '
+              f'{100 * r["interval"][0]:.1f}-{100 * r["interval"][1]:.1f}%' if r['sample'] else '')
     print(f'  {r["name"]:<11} {share:5.1f}%  ({r["killed"]}/{r["total"]} tested of '
-          f'{r["made"]} made, {len(r["survivors"])} survived, {r["seconds"]:.0f} s)')
+          f'{r["made"]} made{sample}, {len(r["survivors"])} survived, {r["seconds"]:.0f} s)')
 
 
 if __name__ == '__main__':

@@ -146,3 +146,38 @@ def test_cli_plan_prints_the_recommendation(tmp_path):
   advice = json.loads(out.stdout.strip().splitlines()[-1])
   assert advice['size'] == min(TRUE, key=lambda m: true_loss(m, t)) == 'M'
   assert math.isclose(advice['predicted_loss']['M'], true_loss('M', t), rel_tol=0.01)
+
+
+def test_format_recommendation_full_text_with_and_without_backtest():
+  advice = {'train_budget_s': 2000.0, 'serve_budget_mb': 0.3, 'size': 'L',
+            'predicted_loss': {'S': 3.5, 'L': 3.12345, 'M': 3.3},
+            'backtest': {'models': {'L': {'error': -0.01234}, 'S': {'error': 0.5}},
+                         'end_s': 400.0, 'fit_fraction': 0.5, 'max_abs_error': 0.5,
+                         'recommendation_held': False, 'observed_best': 'S'},
+            'extrapolation': 5.0,
+            'compression': {'label': 'quantize 2-bit', 'stored_mb': 0.21, 'accuracy': 0.81234,
+                            'metric_name': 'accuracy'},
+            'best_within_budget': {'model': 'M', 'label': 'prune 0.9', 'stored_mb': 0.25,
+                                   'metric_name': 'accuracy', 'accuracy': 0.8},
+            'warnings': ['first', 'second']}
+  assert plan_lib.format_recommendation(advice).splitlines() == [
+      'Training budget 2000 s, serving budget 0.3 MB.',
+      'Predicted validation MLM loss at that budget:',
+      '             L: 3.1235  (backtest error -0.0123)  <- train this',
+      '             M: 3.3000',
+      '             S: 3.5000  (backtest error +0.5000)',
+      'Backtest: fitted on evals up to 200 s, predicted the loss at 400 s within 0.5000; its '
+      'choice there was wrong (S was lowest).',
+      'Extrapolation: 5.00x the longest time observed for L.',
+      'Compress it as quantize 2-bit: 0.21 MB, measured accuracy 0.8123.',
+      'Best measured cell of any size within the serving budget: M prune 0.9 (0.25 MB, '
+      'accuracy 0.8000).',
+      'warning: first', 'warning: second']
+  held = dict(advice, backtest=dict(advice['backtest'], recommendation_held=True),
+              compression=None, warnings=[])
+  assert 'its choice there was right (S was lowest).' in plan_lib.format_recommendation(held)
+  assert not any(line.startswith(('Compress it', 'warning'))
+                 for line in plan_lib.format_recommendation(held).splitlines())
+  alone = plan_lib.format_recommendation(dict(held, backtest=None)).splitlines()
+  assert alone[2] == '             L: 3.1235  <- train this'
+  assert not any('acktest' in line for line in alone)
