@@ -19,12 +19,18 @@ docs/mutation.md, and every other survivor should get a test.
   python benchmarks/mutation.py --resume storage           # go on after a stopped run
   python benchmarks/mutation.py --sample=40 --seed=0 loop   # a uniform random sample of mutants
   python benchmarks/mutation.py --sample=60 --seed=0 --resume loop   # grow that sample to 60
+  python benchmarks/mutation.py --sample=15 steps+checkpoint+loop     # 15 of each, one run
 
 A sample run tests N mutants drawn uniformly at random (seeded) from all the module's mutants
 and reports the kill rate over the sample with its 95% Wilson interval: the way to measure the
 modules whose covering tests compile and train a model, where a full run takes hours on 2
 cores. The draw is a seeded shuffle of every mutant's name, so a larger N with the same seed
 keeps the first sample and adds to it (`--resume` tests only the ones not yet tested).
+
+Modules joined by `+` run as one group in one scratch copy: mutmut's first, clean run of the
+tests (which records what each test reaches) is then made once for the group instead of once
+per module, which is most of the cost when the covering tests train a model. Kill rates are
+still reported per module, and a group's sample draws N mutants from each module.
 
 It is CPU heavy: run it under `nice` on a shared machine (`make mutation` does).
 """
@@ -63,7 +69,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     'mlm': ('trainbig_jax/data/mlm.py',
             ['tests/test_teeth_numerics.py', 'tests/test_data_pretrain.py']),
     'steps': ('trainbig_jax/train/steps.py',
-              ['tests/test_teeth_numerics.py', 'tests/test_sharding.py']),
+              ['tests/test_sharding.py', 'tests/test_teeth_train.py']),
     'checkpoint': ('trainbig_jax/train/checkpoint.py',
                    ['tests/test_teeth_train.py', 'tests/test_pretrain.py']),
     'loop': ('trainbig_jax/train/loop.py',
@@ -80,13 +86,23 @@ def _toml_list(items: list[str]) -> str:
   return '[' + ', '.join(repr(x).replace("'", '"') for x in items) + ']'
 
 
+def group(name: str) -> list[str]:
+  """The modules of a name: one module, or several joined by '+' (run in one scratch copy)."""
+  return name.split('+')
+
+
+def _dotted(module: str) -> str:
+  return module.removesuffix('.py').replace('/', '.') + '.'
+
+
 def prepare(name: str, work_root: Path, keep_results: bool = False) -> Path:
   """A scratch copy of the package and the module's tests, with mutmut configured for it.
 
   With keep_results, an earlier run's copy keeps mutmut's results and only its tests and test
   selection are refreshed (to retest that run's survivors against new tests).
   """
-  module, tests = MODULES[name]
+  modules = [MODULES[part][0] for part in group(name)]
+  tests = list(dict.fromkeys(t for part in group(name) for t in MODULES[part][1]))
   tests = [t for t in tests if (REPO / t.split('::')[0]).exists()]
   work = work_root / name
   if keep_results and (work / 'mutants').is_dir():
@@ -104,7 +120,7 @@ def prepare(name: str, work_root: Path, keep_results: bool = False) -> Path:
   pyproject += f"""
 [tool.mutmut]
 source_paths = ["trainbig_jax"]
-only_mutate = ["{module}"]
+only_mutate = {_toml_list(modules)}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
 pytest_add_cli_args_test_selection = {_toml_list(tests)}
 # Workers fork from a server that imported the tests but never started XLA: forking a process
@@ -130,13 +146,15 @@ m.create_mutants(1)
 '''
 
 
-def mutant_names(name: str, work: Path, env: dict) -> list[str]:
-  """Every mutant mutmut makes of the module, sorted (generating them if not yet made)."""
-  meta = work / 'mutants' / (MODULES[name][0] + '.meta')
-  if not meta.exists():
+def mutant_names(name: str, work: Path, env: dict) -> dict[str, list[str]]:
+  """Every mutant mutmut makes of each module of the group, sorted (generating them if not yet
+  made)."""
+  metas = {part: work / 'mutants' / (MODULES[part][0] + '.meta') for part in group(name)}
+  if not all(meta.exists() for meta in metas.values()):
     subprocess.run([sys.executable, '-c', _GENERATE], cwd=work, env=env, check=True,
                    capture_output=True)
-  return sorted(json.loads(meta.read_text())['exit_code_by_key'])
+  return {part: sorted(json.loads(meta.read_text())['exit_code_by_key'])
+          for part, meta in metas.items()}
 
 
 def draw_sample(names: list[str], size: int, seed: int) -> list[str]:
@@ -170,7 +188,7 @@ def _statuses(mutmut: list[str], work: Path, env: dict) -> dict[str, str]:
 
 def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                retest_survivors: bool = False, resume: bool = False,
-               sample: int | None = None, seed: int = 0) -> dict:
+               sample: int | None = None, seed: int = 0) -> list[dict]:
   work = prepare(name, work_root, keep_results=retest_survivors or resume)
   env = dict(os.environ)
   env.pop('PYTHONPATH', None)  # mutmut puts its mutants/ copy first on the path itself
@@ -191,7 +209,8 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
     names = [k for k, v in previous.items() if v not in KILLED and v != NOT_TESTED]
   sample_file = work / 'sample.json'
   if sample is not None:  # the sample is recorded beside the statuses, for later resumes
-    drawn = draw_sample(mutant_names(name, work, env), sample, seed)
+    drawn = [k for names_of_part in mutant_names(name, work, env).values()
+             for k in draw_sample(names_of_part, sample, seed)]
     sample_file.write_text(json.dumps({'seed': seed, 'size': sample, 'names': drawn}, indent=0))
   in_sample = set(json.loads(sample_file.read_text())['names']) if sample_file.exists() else None
   if in_sample is not None and not retest_survivors:
@@ -211,13 +230,25 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
     if statuses.get(k, NOT_TESTED) == NOT_TESTED or (names and k not in names):
       statuses[k] = v
   saved.write_text(json.dumps(statuses, indent=0, sort_keys=True))
+  if proc.returncode != 0 or not statuses:
+    print(f'  mutmut run exited {proc.returncode}; see {log}', flush=True)
+  return [_report(part, statuses, in_sample, seconds, proc.returncode, log, work, env, mutmut,
+                  show_diffs) for part in group(name)]
+
+
+def _report(name: str, all_statuses: dict[str, str], in_sample: set[str] | None,
+            seconds: float, returncode: int, log: Path, work: Path, env: dict,
+            mutmut: list[str], show_diffs: bool) -> dict:
+  """Prints and returns one module's kill rate and survivors."""
+  statuses = {k: v for k, v in all_statuses.items() if k.startswith(_dotted(MODULES[name][0]))}
+  in_sample = None if in_sample is None else {k for k in in_sample if k in statuses}
   tested = {k: v for k, v in statuses.items()
             if v != NOT_TESTED and (in_sample is None or k in in_sample)}
   survivors = sorted(k for k, v in tested.items() if v not in KILLED)
   killed = len(tested) - len(survivors)
   result = {'name': name, 'module': MODULES[name][0], 'total': len(tested), 'killed': killed,
             'made': len(statuses), 'survivors': {k: statuses[k] for k in survivors},
-            'seconds': seconds, 'returncode': proc.returncode, 'log': str(log),
+            'seconds': seconds, 'returncode': returncode, 'log': str(log),
             'sample': None if in_sample is None else len(in_sample)}
   share = killed / len(tested) if tested else float('nan')
   if in_sample is not None:
@@ -233,8 +264,6 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                 f'--resume goes on)' if len(tested) < len(statuses) else '')
   print(f'{name:<11} {killed:>4}/{len(tested):<4} killed ({100 * share:5.1f}%)  '
         f'{seconds:6.0f} s  {MODULES[name][0]}{untested}', flush=True)
-  if proc.returncode != 0 or not statuses:
-    print(f'  mutmut run exited {proc.returncode}; see {log}', flush=True)
   for k in survivors:
     print(f'  survived ({statuses[k]}): {k}', flush=True)
     if show_diffs:
@@ -268,13 +297,13 @@ def main() -> None:
     parser.error(f'--sample must be a positive count and cannot go with --retest_survivors; '
                  f'got --sample={args.sample}')
   names = args.modules or list(MODULES)
-  unknown = [n for n in names if n not in MODULES]
+  unknown = [part for n in names for part in group(n) if part not in MODULES]
   if unknown:
     parser.error(f'unknown module(s) {", ".join(unknown)}; known: {", ".join(MODULES)}')
   print(f'{"module":<11} killed/total            time  file', flush=True)
-  results = [run_module(n, Path(args.work_dir), args.max_children, args.show_diffs,
-                        args.retest_survivors, args.resume, args.sample, args.seed)
-             for n in names]
+  results = [r for n in names
+             for r in run_module(n, Path(args.work_dir), args.max_children, args.show_diffs,
+                                 args.retest_survivors, args.resume, args.sample, args.seed)]
   print('\nsummary (share of mutants killed):')
   for r in results:
     share = 100 * r['killed'] / r['total'] if r['total'] else float('nan')
