@@ -150,7 +150,7 @@ def test_cli_plan_prints_the_recommendation(tmp_path):
 
 def test_format_recommendation_full_text_with_and_without_backtest():
   advice = {'train_budget_s': 2000.0, 'serve_budget_mb': 0.3, 'size': 'L',
-            'predicted_loss': {'S': 3.5, 'L': 3.12345, 'M': 3.3},
+            'predicted_loss': {'M': 3.5, 'L': 3.12345, 'S': 3.3},  # not in name order
             'backtest': {'models': {'L': {'error': -0.01234}, 'S': {'error': 0.5}},
                          'end_s': 400.0, 'fit_fraction': 0.5, 'max_abs_error': 0.5,
                          'recommendation_held': False, 'observed_best': 'S'},
@@ -164,8 +164,8 @@ def test_format_recommendation_full_text_with_and_without_backtest():
       'Training budget 2000 s, serving budget 0.3 MB.',
       'Predicted validation MLM loss at that budget:',
       '             L: 3.1235  (backtest error -0.0123)  <- train this',
-      '             M: 3.3000',
-      '             S: 3.5000  (backtest error +0.5000)',
+      '             S: 3.3000  (backtest error +0.5000)',
+      '             M: 3.5000',
       'Backtest: fitted on evals up to 200 s, predicted the loss at 400 s within 0.5000; its '
       'choice there was wrong (S was lowest).',
       'Extrapolation: 5.00x the longest time observed for L.',
