@@ -287,3 +287,15 @@ def test_masking_refuses_bad_probabilities_in_one_line():
   with pytest.raises(mlm.DataPipelineError, match=r'^mask_rate=1.5 must be in \[0, 1\]\.$'):
     mlm.mask_tokens(np.zeros((2, 4), np.int32), np.random.default_rng(0), vocab_size=10,
                     mask_id=1, special_ids=(0, 1), mask_rate=1.5)
+
+
+def test_documents_without_the_text_feature_are_refused_naming_the_features(monkeypatch):
+  import ml_collections
+  monkeypatch.setattr(mlm.sources, 'data_source',
+                      lambda dataset, split, data_dir: [{'year': 1990, 'speech': 'x'}])
+  data = ml_collections.ConfigDict({'dataset': 'sotu', 'text_key': 'text', 'data_dir': None})
+  with pytest.raises(mlm.DataPipelineError) as err:
+    mlm._documents(data, 'train')
+  assert str(err.value) == ("data.text_key='text' is not a feature of 'sotu'; it has: speech, "
+                            "year.")
+
