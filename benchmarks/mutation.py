@@ -20,6 +20,7 @@ docs/mutation.md, and every other survivor should get a test.
   python benchmarks/mutation.py --sample=40 --seed=0 loop   # a uniform random sample of mutants
   python benchmarks/mutation.py --sample=60 --seed=0 --resume loop   # grow that sample to 60
   python benchmarks/mutation.py --sample=15 steps+checkpoint+loop     # 15 of each, one run
+  python benchmarks/mutation.py storage --mutants '*_read_payload__mutmut_12'  # named ones
 
 A sample run tests N mutants drawn uniformly at random (seeded) from all the module's mutants
 and reports the kill rate over the sample with its 95% Wilson interval: the way to measure the
@@ -38,6 +39,7 @@ It is CPU heavy: run it under `nice` on a shared machine (`make mutation` does).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -188,8 +190,9 @@ def _statuses(mutmut: list[str], work: Path, env: dict) -> dict[str, str]:
 
 def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                retest_survivors: bool = False, resume: bool = False,
-               sample: int | None = None, seed: int = 0) -> list[dict]:
-  work = prepare(name, work_root, keep_results=retest_survivors or resume)
+               sample: int | None = None, seed: int = 0,
+               mutants: list[str] | None = None) -> list[dict]:
+  work = prepare(name, work_root, keep_results=retest_survivors or resume or bool(mutants))
   env = dict(os.environ)
   env.pop('PYTHONPATH', None)  # mutmut puts its mutants/ copy first on the path itself
   env.setdefault('TRAINBIG_TEST_DATA_DIR', os.environ.get('TRAINBIG_DATA_DIR', ''))
@@ -198,7 +201,7 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
   mutmut = [sys.executable, '-m', 'mutmut']
   names, previous = [], {}
   saved = work / 'statuses.json'
-  if retest_survivors or resume:
+  if retest_survivors or resume or mutants:
     # A changed test selection makes mutmut forget every verdict, so the last run's verdicts
     # are kept here and only those of the mutants tested now are replaced.
     previous = json.loads(saved.read_text()) if saved.exists() else {}
@@ -207,13 +210,15 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
                      if v != NOT_TESTED or k not in previous})
   if retest_survivors:  # mutmut reruns the mutants it is given by name
     names = [k for k, v in previous.items() if v not in KILLED and v != NOT_TESTED]
+  if mutants:  # names or globs, as mutmut takes them
+    names = list(mutants)
   sample_file = work / 'sample.json'
   if sample is not None:  # the sample is recorded beside the statuses, for later resumes
     drawn = [k for names_of_part in mutant_names(name, work, env).values()
              for k in draw_sample(names_of_part, sample, seed)]
     sample_file.write_text(json.dumps({'seed': seed, 'size': sample, 'names': drawn}, indent=0))
   in_sample = set(json.loads(sample_file.read_text())['names']) if sample_file.exists() else None
-  if in_sample is not None and not retest_survivors:
+  if in_sample is not None and not retest_survivors and not mutants:
     # a sample's mutants not yet tested (all of them on a fresh run), by name
     names = sorted(k for k in in_sample if previous.get(k, NOT_TESTED) == NOT_TESTED)
     if not names:
@@ -227,7 +232,8 @@ def run_module(name: str, work_root: Path, max_children: int, show_diffs: bool,
   seconds = time.time() - start
   statuses = _statuses(mutmut, work, env)
   for k, v in previous.items():
-    if statuses.get(k, NOT_TESTED) == NOT_TESTED or (names and k not in names):
+    if statuses.get(k, NOT_TESTED) == NOT_TESTED or (
+        names and not any(fnmatch.fnmatchcase(k, n) for n in names)):
       statuses[k] = v
   saved.write_text(json.dumps(statuses, indent=0, sort_keys=True))
   if proc.returncode != 0 or not statuses:
@@ -292,6 +298,9 @@ def main() -> None:
                            'report the kill rate with its 95%% Wilson interval); with --resume, '
                            'grows the last sample to N')
   parser.add_argument('--seed', type=int, default=0, help='the sample\'s random seed')
+  parser.add_argument('--mutants', nargs='+', default=None, metavar='NAME',
+                      help='test only these mutants (names or globs as mutmut takes them), '
+                           'keeping the other verdicts of an earlier run')
   args = parser.parse_args()
   if args.sample is not None and (args.sample < 1 or args.retest_survivors):
     parser.error(f'--sample must be a positive count and cannot go with --retest_survivors; '
@@ -303,7 +312,8 @@ def main() -> None:
   print(f'{"module":<11} killed/total            time  file', flush=True)
   results = [r for n in names
              for r in run_module(n, Path(args.work_dir), args.max_children, args.show_diffs,
-                                 args.retest_survivors, args.resume, args.sample, args.seed)]
+                                 args.retest_survivors, args.resume, args.sample, args.seed,
+                                 args.mutants)]
   print('\nsummary (share of mutants killed):')
   for r in results:
     share = 100 * r['killed'] / r['total'] if r['total'] else float('nan')
