@@ -118,10 +118,13 @@ def prepare(name: str, work_root: Path, keep_results: bool = False) -> Path:
     shutil.copytree(REPO / 'trainbig_jax', work / 'trainbig_jax',
                     ignore=shutil.ignore_patterns('__pycache__'))
     shutil.copytree(REPO / 'tests', work / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
+    # The CLI tests name config files by their path from the repository root.
+    shutil.copytree(REPO / 'configs', work / 'configs', ignore=shutil.ignore_patterns('__pycache__'))
   pyproject = (REPO / 'pyproject.toml').read_text()
   pyproject += f"""
 [tool.mutmut]
 source_paths = ["trainbig_jax"]
+also_copy = ["configs"]
 only_mutate = {_toml_list(modules)}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
 pytest_add_cli_args_test_selection = {_toml_list(tests)}
