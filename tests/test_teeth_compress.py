@@ -483,3 +483,17 @@ def test_loading_checks_payload_checksums_and_names_unreadable_arrays(tmp_path):
   with pytest.raises(storage.CompressedCheckpointError,
                      match=r'^Cannot read the arrays of compressed checkpoint .*/arrays: \S'):
     storage.load_compressed(directory)
+
+
+def test_unreadable_arrays_message_carries_the_read_error_gist(tmp_path):
+  import re
+  import shutil
+  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
+  shutil.rmtree(tmp_path / 'c' / storage.ARRAYS_DIR)
+  with pytest.raises(storage.CompressedCheckpointError) as err:
+    storage.load_compressed(directory)
+  # The gist is what the user acts on: Orbax's own words that the folder is missing, not a
+  # placeholder such as 'None'.
+  gist = str(err.value).split('/arrays: ', 1)[1]
+  assert re.search(r'not found|does not exist|No such file', gist, re.IGNORECASE), gist
+  assert 'None' not in gist

@@ -264,3 +264,38 @@ def test_pre_ln_encoder_matches_torch_norm_first_layers():
   real = tokens != cfg.pad_id
   np.testing.assert_allclose(ours[real], ref[real], rtol=1e-4, atol=1e-4)
   assert np.abs(ours[real]).max() > 0.5  # not a trivially small output
+
+
+def test_masking_chooses_exactly_its_count_in_every_row_of_any_shape():
+  # mask_rate * n is an integer here, so every row masks exactly that many of its n tokens.
+  for shape in ((10,), (4, 10), (2, 3, 10)):
+    tokens = np.arange(np.prod(shape), dtype=np.int32).reshape(shape) % 90 + 10
+    out = mlm.mask_tokens(tokens, np.random.default_rng(0), vocab_size=100, mask_id=1,
+                          special_ids=(0, 1), mask_rate=0.5)
+    assert out['weights'].shape == shape
+    np.testing.assert_array_equal(out['weights'].sum(-1), np.full(shape[:-1], 5.0))
+
+
+def test_masking_refuses_bad_probabilities_in_one_line():
+  for mask_token_prob, random_token_prob in ((0.95, 0.1), (-0.1, 0.1), (0.5, -0.1)):
+    with pytest.raises(mlm.DataPipelineError) as err:
+      mlm.mask_tokens(np.zeros((2, 4), np.int32), np.random.default_rng(0), vocab_size=10,
+                      mask_id=1, special_ids=(0, 1), mask_token_prob=mask_token_prob,
+                      random_token_prob=random_token_prob)
+    assert str(err.value) == (f'mask_token_prob={mask_token_prob} and random_token_prob='
+                              f'{random_token_prob} must be non-negative and sum to at most 1.')
+  with pytest.raises(mlm.DataPipelineError, match=r'^mask_rate=1.5 must be in \[0, 1\]\.$'):
+    mlm.mask_tokens(np.zeros((2, 4), np.int32), np.random.default_rng(0), vocab_size=10,
+                    mask_id=1, special_ids=(0, 1), mask_rate=1.5)
+
+
+def test_documents_without_the_text_feature_are_refused_naming_the_features(monkeypatch):
+  import ml_collections
+  monkeypatch.setattr(mlm.sources, 'data_source',
+                      lambda dataset, split, data_dir: [{'year': 1990, 'speech': 'x'}])
+  data = ml_collections.ConfigDict({'dataset': 'sotu', 'text_key': 'text', 'data_dir': None})
+  with pytest.raises(mlm.DataPipelineError) as err:
+    mlm._documents(data, 'train')
+  assert str(err.value) == ("data.text_key='text' is not a feature of 'sotu'; it has: speech, "
+                            "year.")
+

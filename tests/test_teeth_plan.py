@@ -146,3 +146,93 @@ def test_cli_plan_prints_the_recommendation(tmp_path):
   advice = json.loads(out.stdout.strip().splitlines()[-1])
   assert advice['size'] == min(TRUE, key=lambda m: true_loss(m, t)) == 'M'
   assert math.isclose(advice['predicted_loss']['M'], true_loss('M', t), rel_tol=0.01)
+
+
+def test_format_recommendation_full_text_with_and_without_backtest():
+  advice = {'train_budget_s': 2000.0, 'serve_budget_mb': 0.3, 'size': 'L',
+            'predicted_loss': {'M': 3.5, 'L': 3.12345, 'S': 3.3},  # not in name order
+            'backtest': {'models': {'L': {'error': -0.01234}, 'S': {'error': 0.5}},
+                         'end_s': 400.0, 'fit_fraction': 0.5, 'max_abs_error': 0.5,
+                         'recommendation_held': False, 'observed_best': 'S'},
+            'extrapolation': 5.0,
+            'compression': {'label': 'quantize 2-bit', 'stored_mb': 0.21, 'accuracy': 0.81234,
+                            'metric_name': 'accuracy'},
+            'best_within_budget': {'model': 'M', 'label': 'prune 0.9', 'stored_mb': 0.25,
+                                   'metric_name': 'accuracy', 'accuracy': 0.8},
+            'warnings': ['first', 'second']}
+  assert plan_lib.format_recommendation(advice).splitlines() == [
+      'Training budget 2000 s, serving budget 0.3 MB.',
+      'Predicted validation MLM loss at that budget:',
+      '             L: 3.1235  (backtest error -0.0123)  <- train this',
+      '             S: 3.3000  (backtest error +0.5000)',
+      '             M: 3.5000',
+      'Backtest: fitted on evals up to 200 s, predicted the loss at 400 s within 0.5000; its '
+      'choice there was wrong (S was lowest).',
+      'Extrapolation: 5.00x the longest time observed for L.',
+      'Compress it as quantize 2-bit: 0.21 MB, measured accuracy 0.8123.',
+      'Best measured cell of any size within the serving budget: M prune 0.9 (0.25 MB, '
+      'accuracy 0.8000).',
+      'warning: first', 'warning: second']
+  held = dict(advice, backtest=dict(advice['backtest'], recommendation_held=True),
+              compression=None, warnings=[])
+  assert 'its choice there was right (S was lowest).' in plan_lib.format_recommendation(held)
+  assert not any(line.startswith(('Compress it', 'warning'))
+                 for line in plan_lib.format_recommendation(held).splitlines())
+  alone = plan_lib.format_recommendation(dict(held, backtest=None)).splitlines()
+  assert alone[2] == '             L: 3.1235  <- train this'
+  assert not any('acktest' in line for line in alone)
+
+
+def test_fitted_floor_stays_within_its_bounds():
+  # The unconstrained least-squares optimum of these points has a negative floor (c = -1);
+  # the fit keeps 0 <= c <= min loss and b <= the largest exponent.
+  t = np.array([1.0, 2, 4, 8, 16, 32, 64])
+  fit = plan_lib.fit_learning_curve(t, 5.0 * t ** -0.3 - 1.0)
+  assert fit.form == 'a*t^-b+c' and 0.0 <= fit.c <= 1e-6
+  assert 0.0 <= fit.b <= plan_lib._MAX_EXPONENT
+
+
+def test_backtest_curve_reports_the_observed_eval_and_names_a_missing_one():
+  out = plan_lib.backtest_curve([1.0, 2.0, 3.0, 5.0], [4.0, 3.0, 2.5, 2.0], end_s=4.0,
+                                fit_fraction=0.75)
+  assert (out['observed_loss'], out['observed_time_s']) == (2.5, 3.0)  # last eval at <= 4 s
+  assert out['fit_until_s'] == 3.0 and out['fit_points'] == 3
+  with pytest.raises(plan_lib.PlanError) as err:
+    plan_lib.backtest_curve([1.0, 1.5], [3.0, 2.0], end_s=0.9, fit_fraction=2.0)
+  assert str(err.value) == 'no eval at or before 0.9 s to check the backtest against.'
+
+
+def test_backtest_fits_on_the_given_fraction_of_the_time():
+  check = plan_lib.backtest(CURVES, fit_fraction=0.25)
+  assert check['fit_fraction'] == 0.25
+  for m in CURVES:
+    assert check['models'][m]['fit_until_s'] == pytest.approx(0.25 * check['end_s'])
+    assert check['models'][m]['fit_points'] == sum(t <= 0.25 * check['end_s'] for t in TIMES)
+
+
+def test_backtest_warnings_text_and_the_tie_at_the_predicted_gap():
+  check = {'recommendation_held': False, 'fit_fraction': 0.5, 'predicted_best': 'S',
+           'end_s': 400.0, 'observed_best': 'L', 'max_abs_error': 0.5}
+  assert plan_lib._backtest_warnings(check, {'S': 2.0, 'L': 2.5, 'M': 3.0}) == [
+      'backtest: fitted on the first 0.5 of each curve, the planner would have chosen S for '
+      '400 s, but L was lowest there.',
+      'backtest error up to 0.5 in loss is at least the predicted gap between the best two '
+      'sizes (0.5): the choice of size is too uncertain to trust.']
+  held = dict(check, recommendation_held=True, max_abs_error=0.25)
+  assert plan_lib._backtest_warnings(held, {'S': 2.0, 'L': 2.5}) == []
+
+
+def test_budget_errors_name_the_unit_and_a_too_small_size_in_decimal_megabytes():
+  for kwargs, message in (
+      ({'train_budget_s': -1.0, 'serve_budget_mb': 1.0},
+       'train_budget_s must be a positive number of seconds; got -1.0.'),
+      ({'train_budget_s': 10.0, 'serve_budget_mb': 0},
+       'serve_budget_mb must be a positive number of megabytes; got 0.')):
+    with pytest.raises(plan_lib.PlanError) as err:
+      plan_lib.recommend(rows(), CURVES, **kwargs)
+    assert str(err.value) == message
+  big = [dict(r, stored_bytes=1_000_501) if r['model'] == 'L' else r for r in rows()]
+  rec = plan_lib.recommend(big, CURVES, train_budget_s=2000.0, serve_budget_mb=1.0)
+  assert rec['size'] == 'L'
+  assert 'no cell of L fits 1 MB (its smallest is 1.001 MB); see best_within_budget.' in (
+      rec['warnings'])

@@ -245,3 +245,88 @@ def test_finetuning_starts_from_the_pretrained_encoder(full_run, tmp_path):
   for key in ('embed', 'layers_0', 'layers_1'):
     jax.tree.map(np.testing.assert_array_equal, encoder[key], pretrained[key])
   assert np.abs(np.asarray(pretrained['layers_0']['attention']['query']['kernel'])).max() > 0
+
+
+def test_eval_step_runs_the_model_deterministically():
+  from trainbig_jax.train.steps import make_eval_step
+  calls = []
+
+  def sums_fn(params, batch, rng, train):
+    calls.append((train, np.asarray(jax.random.key_data(rng)).tolist()))
+    return {'loss': params * batch}
+
+  step = make_eval_step(sums_fn)
+  assert step(2.0, 3.0) == {'loss': 6.0}
+  step(2.0, 3.0)
+  assert calls[0][0] is False  # no dropout at evaluation
+  assert calls[0] == calls[1]  # and the same key every time
+
+
+def test_non_finite_steps_are_counted_and_the_error_says_what_is_kept():
+  progress = {}
+  metrics = {'train_loss': float('nan'), 'grad_norm': 1.5}
+  loop._count_nonfinite(7, metrics, progress, max_skips=2, last_checkpoint=4)
+  loop._count_nonfinite(8, metrics, progress, max_skips=2, last_checkpoint=4)
+  assert progress == {'nonfinite_in_a_row': 2, 'skipped_steps': 2}
+  with pytest.raises(loop.NonFiniteError) as err:
+    loop._count_nonfinite(9, metrics, progress, max_skips=2, last_checkpoint=4)
+  assert str(err.value) == (
+      'step 9 is not finite (train_loss nan, grad_norm 1.5) after 2 skipped in a row; stopped '
+      'without saving it, its last checkpoint (step 4) is kept. Lower train.learning_rate, or '
+      'set train.max_nonfinite_skips to skip such steps.')
+  with pytest.raises(loop.NonFiniteError, match=r'\(train_loss nan, grad_norm 1.5\); stopped '
+                     r'without saving it, no checkpoint was saved yet\. Lower'):
+    loop._count_nonfinite(1, metrics, {}, max_skips=0, last_checkpoint=None)
+
+
+def test_progress_bar_on_a_terminal_counts_steps_and_clears_itself(monkeypatch):
+  import io
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  monkeypatch.setattr('sys.stderr', Terminal())
+  bar = loop._progress_bar(total=10, initial=3)
+  try:
+    assert not bar.disable and bar.unit == 'step' and bar.n == 3 and bar.total == 10
+    assert bar.leave is False  # the evaluations' log lines follow, not a finished bar
+  finally:
+    bar.close()
+
+
+def test_damaged_steps_are_set_aside_under_fresh_names(tmp_path):
+  steps = tmp_path / 'checkpoints'
+  for attempt in range(3):
+    (steps / '6').mkdir(parents=True)
+    (steps / '6' / 'marker').write_text(str(attempt))
+    aside = checkpoint._set_aside(steps / '6')
+    assert aside == tmp_path / checkpoint.DAMAGED_DIR / ('6' if attempt == 0 else f'6.{attempt}')
+    assert (aside / 'marker').read_text() == str(attempt) and not (steps / '6').exists()
+
+
+def test_a_step_with_per_process_data_positions_is_refused_naming_the_counts(tmp_path):
+  data = tmp_path / '6' / 'data'
+  data.mkdir(parents=True)
+  checkpoint._check_not_per_process(data)  # no data positions at all: nothing to refuse
+  for name in ('process_0-of-2.json', 'process_1-of-2.json', 'process_0-of-4.json'):
+    (data / name).write_text('{}')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f'^{tmp_path / "6"} was written by 2 or 4 processes with one data '
+                           'position per process'):
+    checkpoint._check_not_per_process(data)
+  (data / checkpoint.DATA_STATE_FILE).write_text('{}')
+  checkpoint._check_not_per_process(data)  # the global stream's state: readable
+
+
+def test_abandoned_read_errors_are_dropped_and_every_other_error_reaches_the_old_hook(
+    monkeypatch):
+  import sys
+  seen = []
+  monkeypatch.setattr(sys, 'excepthook', lambda *args: seen.append(args))
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(u))
+  checkpoint.ignore_abandoned_reads()
+  other = ValueError('real')
+  sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
+  sys.excepthook(ValueError, other, None)
+  assert seen == [(ValueError, other, None)]
