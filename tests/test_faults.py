@@ -160,6 +160,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(run, tmp_path, caplog, dama
   assert summary.step == 8
   warnings = [r.getMessage() for r in caplog.records if 'does not restore' in r.getMessage()]
   assert len(warnings) == 1 and f'{workdir}/checkpoints/8 does not restore' in warnings[0]
+  assert f'moved to {workdir / checkpoint.DAMAGED_DIR / "8"};' in warnings[0]  # where to look
   assert (workdir / checkpoint.DAMAGED_DIR / '8').is_dir()
   jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(workdir),
                checkpoint.restore_params(run))

@@ -1,6 +1,7 @@
 """End-to-end MLM pretraining on the embedded corpus: learning, resuming, stopping, errors."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -48,16 +49,21 @@ def test_loss_falls_on_embedded_corpus(tmp_path):
   assert np.all(np.diff([r['tokens'] for r in train_rows]) > 0)
 
 
-def test_resume_is_bit_exact_and_sees_the_same_batches(uninterrupted, tmp_path):
+def test_resume_is_bit_exact_and_sees_the_same_batches(uninterrupted, tmp_path, caplog):
   full_dir, full_summary = uninterrupted
   assert full_summary.step == 8
   # An interruption right after the step-4 checkpoint: the step-8 checkpoint never existed.
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(full_dir, resumed_dir)
   shutil.rmtree(resumed_dir / 'checkpoints' / '8')
-  summary = pretrain(tiny(total_steps=8, checkpoint_every=4, eval_every=4, log_every=1,
-                          keep_checkpoints=5), resumed_dir)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    summary = pretrain(tiny(total_steps=8, checkpoint_every=4, eval_every=4, log_every=1,
+                            keep_checkpoints=5), resumed_dir)
   assert summary.step == 8
+  # It resumed from step 4 (a run restarted from step 0 ends with the same state, so the
+  # checks below alone would not tell), and set nothing aside as damaged.
+  assert f'Resumed from step 4 of {resumed_dir}.' in caplog.messages
+  assert not (resumed_dir / checkpoint.DAMAGED_DIR).exists()
   full = checkpoint.restore_params(full_dir)
   resumed = checkpoint.restore_params(resumed_dir)
   jax.tree.map(np.testing.assert_array_equal, resumed, full)
