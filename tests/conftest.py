@@ -41,9 +41,9 @@ def data_dir(tmp_path_factory):
   """
   path = os.environ.get('TRAINBIG_TEST_DATA_DIR')
   if not path and os.environ.get('PYTEST_XDIST_WORKER'):
-    path = tmp_path_factory.getbasetemp().parent / 'tfds'
-    path.mkdir(exist_ok=True)
-    path = str(path)
+    shared = tmp_path_factory.getbasetemp().parent / 'tfds'
+    shared.mkdir(exist_ok=True)
+    path = str(shared)
   path = path or str(tmp_path_factory.mktemp('tfds'))
   old = os.environ.get('TRAINBIG_DATA_DIR')
   os.environ['TRAINBIG_DATA_DIR'] = path
