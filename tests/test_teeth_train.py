@@ -330,3 +330,42 @@ def test_abandoned_read_errors_are_dropped_and_every_other_error_reaches_the_old
   sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
   sys.excepthook(ValueError, other, None)
   assert seen == [(ValueError, other, None)]
+
+
+def test_restore_falls_back_past_a_damaged_step_and_says_where_it_moved(tmp_path, caplog):
+  import logging
+  mngr = checkpoint.manager(tmp_path)
+  for step in (1, 2):
+    checkpoint.save(mngr, step, {'w': np.full(3, step, np.float32)}, {'pos': step},
+                    {'step': step})
+  (tmp_path / 'checkpoints' / '2' / 'data' / checkpoint.DATA_STATE_FILE).write_text('{"torn')
+  with caplog.at_level(logging.WARNING):
+    state, data_state, progress = checkpoint.restore(mngr, {'w': np.zeros(3, np.float32)})
+  mngr.close()
+  np.testing.assert_array_equal(state['w'], np.full(3, 1, np.float32))
+  assert data_state == {'pos': 1} and progress == {'step': 1}
+  warnings = [r.getMessage() for r in caplog.records if 'does not restore' in r.getMessage()]
+  aside = tmp_path / checkpoint.DAMAGED_DIR / '2'
+  assert len(warnings) == 1 and warnings[0].startswith(f'Checkpoint {tmp_path}/checkpoints/2 ')
+  assert f'moved to {aside}; resuming from the previous checkpoint.' in warnings[0]
+  assert aside.is_dir() and not (tmp_path / 'checkpoints' / '2').exists()
+
+
+@pytest.mark.parametrize('mine,other,expected', [
+    ((False, False), (False, False), (False, False)),
+    ((False, False), (True, False), (True, False)),   # the other process is over its budget
+    ((False, True), (False, False), (False, True)),   # this one was signalled
+    ((True, False), (False, True), (True, True)),
+])
+def test_processes_stop_together_when_any_one_has_a_reason(monkeypatch, mine, other, expected):
+  from jax.experimental import multihost_utils
+  sent = []
+
+  def allgather(x):  # two processes: this one's vote and the other's, stacked
+    sent.append(np.asarray(x).tolist())
+    return np.stack([np.asarray(x), np.array(other, np.int32)])
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  assert loop._agree_to_stop(*mine) == expected
+  assert sent == [list(map(int, mine))]
