@@ -146,6 +146,10 @@ def test_vs_pytorch_tiny_runs_both_sides():
   assert row['params_torch'] - row['params_jax'] == row['hidden']
   assert row['jax_tokens_per_s'] > 0 and row['torch_tokens_per_s'] > 0
   assert row['ratio'] == pytest.approx(row['jax_tokens_per_s'] / row['torch_tokens_per_s'])
+  # At the share needed, jax's step would run at 1.2x the peer's tokens/s.
+  needed_jax_s = row['torch_step_s'] / result['target_ratio']
+  assert result['target_ratio'] == 1.2 and row['jax_share_for_target'] == pytest.approx(
+      row['jax_matmul_share'] * row['jax_step_s'] / needed_jax_s)
   # Same initial loss scale: both start near log(vocab) on the same batches.
   assert abs(row['jax_loss'] - row['torch_loss']) < 1.0
 

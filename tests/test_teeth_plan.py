@@ -236,3 +236,39 @@ def test_budget_errors_name_the_unit_and_a_too_small_size_in_decimal_megabytes()
   assert rec['size'] == 'L'
   assert 'no cell of L fits 1 MB (its smallest is 1.001 MB); see best_within_budget.' in (
       rec['warnings'])
+
+
+def test_floor_fit_starts_from_the_best_log_log_line_over_a_grid_of_floors(monkeypatch):
+  # A curve whose best starting floor is well above 0, with noise so that the grid's
+  # choice matters.
+  rng = np.random.default_rng(3)
+  t = np.linspace(100.0, 3000.0, 12)
+  y = 40.0 * t ** -0.6 + 1.5 + rng.normal(0.0, 0.01, t.size)
+  calls = []
+  real_curve_fit = plan_lib.optimize.curve_fit
+
+  def recording_curve_fit(f, x, ydata, p0, **kwargs):
+    calls.append((list(p0), kwargs))
+    return real_curve_fit(f, x, ydata, p0=p0, **kwargs)
+
+  monkeypatch.setattr(plan_lib.optimize, 'curve_fit', recording_curve_fit)
+  plan_lib.fit_learning_curve(t, y)
+  # The documented start, computed here independently: for 40 floors c in [0, min y), a
+  # closed-form least-squares line through (log t', log(y - c)) with t' = t / max t, its
+  # exponent clipped to [0, 5]; the start is the (first) floor whose curve has the least
+  # squared error.
+  ts, best = t / t.max(), None
+  for c in [y.min() * k / 40 for k in range(40)]:
+    lx, ly = np.log(ts), np.log(y - c)
+    slope = np.sum((lx - lx.mean()) * (ly - ly.mean())) / np.sum((lx - lx.mean()) ** 2)
+    a = math.exp(ly.mean() - slope * lx.mean())
+    b = min(max(-slope, 0.0), 5.0)
+    err = float(np.sum((a * ts ** -b + c - y) ** 2))
+    if best is None or err < best[0]:
+      best = (err, [a, b, c])
+  (p0, kwargs), = calls
+  assert best[1][2] > 0.5  # the test's point: the chosen floor is not the grid's first
+  np.testing.assert_allclose(p0, best[1], rtol=1e-6)
+  # A fit that needs more than scipy's default budget (100 evaluations per parameter)
+  # still converges instead of falling back to the floor-free form.
+  assert kwargs['maxfev'] == 20000
