@@ -262,12 +262,17 @@ def test_eval_step_runs_the_model_deterministically():
   assert calls[0] == calls[1]  # and the same key every time
 
 
-def test_non_finite_steps_are_counted_and_the_error_says_what_is_kept():
+def test_non_finite_steps_are_counted_and_the_error_says_what_is_kept(caplog):
+  import logging
   progress = {}
   metrics = {'train_loss': float('nan'), 'grad_norm': 1.5}
-  loop._count_nonfinite(7, metrics, progress, max_skips=2, last_checkpoint=4)
-  loop._count_nonfinite(8, metrics, progress, max_skips=2, last_checkpoint=4)
+  with caplog.at_level(logging.WARNING):
+    loop._count_nonfinite(7, metrics, progress, max_skips=2, last_checkpoint=4)
+    loop._count_nonfinite(8, metrics, progress, max_skips=2, last_checkpoint=4)
   assert progress == {'nonfinite_in_a_row': 2, 'skipped_steps': 2}
+  assert [r.getMessage() for r in caplog.records if 'not finite' in r.getMessage()] == [
+      f'Step {n} is not finite (train_loss nan, grad_norm 1.5): update skipped ({n - 6} in a '
+      f'row, {n - 6} in all).' for n in (7, 8)]
   with pytest.raises(loop.NonFiniteError) as err:
     loop._count_nonfinite(9, metrics, progress, max_skips=2, last_checkpoint=4)
   assert str(err.value) == (
@@ -291,6 +296,7 @@ def test_progress_bar_on_a_terminal_counts_steps_and_clears_itself(monkeypatch):
   try:
     assert not bar.disable and bar.unit == 'step' and bar.n == 3 and bar.total == 10
     assert bar.leave is False  # the evaluations' log lines follow, not a finished bar
+    assert callable(bar.dynamic_ncols)  # its width follows the terminal's when resized
   finally:
     bar.close()
 
@@ -369,3 +375,88 @@ def test_processes_stop_together_when_any_one_has_a_reason(monkeypatch, mine, ot
   monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
   assert loop._agree_to_stop(*mine) == expected
   assert sent == [list(map(int, mine))]
+
+
+def test_restore_of_a_named_step_and_the_params_as_host_arrays(tmp_path):
+  mngr = checkpoint.manager(tmp_path)
+  for step in (1, 2):  # device arrays, as training saves them
+    checkpoint.save(mngr, step, {'params': {'w': jax.numpy.full(3, step, np.float32)}}, {}, {})
+  target = {'params': {'w': np.zeros(3, np.float32)}}
+  state, _, _ = checkpoint.restore(mngr, target, step=1)  # not the latest
+  mngr.close()
+  np.testing.assert_array_equal(state['params']['w'], np.full(3, 1, np.float32))
+  params = checkpoint.restore_params(tmp_path)  # the run's latest step, as numpy arrays
+  assert type(params['w']) is np.ndarray
+  np.testing.assert_array_equal(params['w'], np.full(3, 2, np.float32))
+
+
+def test_a_failed_save_says_why_and_which_checkpoint_is_intact(tmp_path, monkeypatch):
+  mngr = checkpoint.manager(tmp_path)
+  checkpoint.save(mngr, 2, {'w': np.zeros(3, np.float32)}, {}, {})
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(mngr, 'save', disk_full)
+  with pytest.raises(checkpoint.CheckpointSaveError) as err:
+    checkpoint.save(mngr, 3, {'w': np.ones(3, np.float32)}, {}, {})
+  mngr.close()
+  assert str(err.value) == (
+      f'Saving checkpoint step 3 in {tmp_path}/checkpoints failed (No space left on device); '
+      'checkpoint step 2 is intact: free space or fix permissions, then rerun to resume.')
+
+
+def test_the_jitted_train_step_lays_out_its_inputs_whatever_they_arrive_as():
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from trainbig_jax.train import partitioning
+  from trainbig_jax.train.state import TrainState
+  mesh = partitioning.make_mesh((-1, 1, 1))
+  tx = optax.sgd(0.1)
+  sums_fn = lambda p, b, rng, train: {'loss': jnp.sum(p['w'] * b['x']), 'correct': 0.0,
+                                      'weight': 1.0, 'tokens': 1.0}
+  params = {'w': jnp.ones(4, jnp.float32)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+  step = loop.jit_train_step(sums_fn, tx, 1, shardings, mesh)
+  # Abstract inputs without shardings: the step's own in_shardings decide the layout, so a
+  # host batch is split over the devices, not copied whole onto each.
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  compiled = step.lower(abstract(state), abstract({'x': np.ones((8, 4), np.float32)}),
+                        jax.random.key(0)).compile()
+  (_, batch_in, _), _ = compiled.input_shardings
+  assert batch_in['x'].is_equivalent_to(partitioning.batch_sharding(mesh), 2)
+  assert not batch_in['x'].is_fully_replicated and len(jax.devices()) == 8
+
+
+def test_only_the_abandoned_writes_of_an_unfinished_save_are_dropped_from_asyncio_logs(
+    monkeypatch):
+  import logging
+  import sys
+  import orbax.checkpoint as ocp
+  monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # the reads' hook, undone after
+  monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
+  asyncio_logger = logging.getLogger('asyncio')
+  before = list(asyncio_logger.filters)
+  # As before any save of this process (earlier tests' saves installed it already).
+  others = [f for f in before if not isinstance(f, checkpoint._AbandonedWriteFilter)]
+  asyncio_logger.filters[:] = others
+  try:
+    checkpoint.ignore_abandoned_writes()
+    checkpoint.ignore_abandoned_writes()  # installed once, however often a save runs
+    (added,) = [f for f in asyncio_logger.filters if f not in others]
+    tmp = '/run/checkpoints/7' + ocp.path.atomicity.TMP_DIR_SUFFIX + '1'
+
+    def record(msg, exc):
+      info = (type(exc), exc, None) if exc is not None else None
+      return logging.LogRecord('asyncio', logging.ERROR, __file__, 1, msg, None, info)
+
+    assert not added.filter(record('Task exception was never retrieved',
+                                   OSError(f'No space left on device: {tmp}/state')))
+    assert added.filter(record('Task exception was never retrieved',
+                               OSError('No space left on device: /run/other')))
+    assert added.filter(record('Unclosed client session', OSError(f'{tmp}/state')))
+    assert added.filter(record('Task exception was never retrieved', None))
+  finally:
+    asyncio_logger.filters[:] = before
