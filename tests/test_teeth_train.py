@@ -332,6 +332,11 @@ def test_abandoned_read_errors_are_dropped_and_every_other_error_reaches_the_old
   monkeypatch.setattr(sys, 'excepthook', lambda *args: seen.append(args))
   monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(u))
   checkpoint.ignore_abandoned_reads()
+  hooks = sys.excepthook, sys.unraisablehook
+  # Every save and failed restore calls it: the hooks are wrapped once, not once per call
+  # (a long run would otherwise nest them past Python's recursion limit).
+  checkpoint.ignore_abandoned_reads()
+  assert (sys.excepthook, sys.unraisablehook) == hooks
   other = ValueError('real')
   sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
   sys.excepthook(ValueError, other, None)
