@@ -465,3 +465,20 @@ def test_only_the_abandoned_writes_of_an_unfinished_save_are_dropped_from_asynci
     assert added.filter(record('Task exception was never retrieved', None))
   finally:
     asyncio_logger.filters[:] = before
+
+
+def test_the_params_of_a_run_are_its_best_step_else_its_newest_and_none_is_an_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    checkpoint.params_step_dir(tmp_path)
+  assert str(err.value) == (f'{tmp_path} has no complete checkpoint under '
+                            f'{tmp_path}/checkpoints.')
+  mngr = checkpoint.manager(tmp_path)
+  for step in (3, 5):
+    checkpoint.save(mngr, step, {'w': np.zeros(2, np.float32)}, {}, {})
+  mngr.close()
+  assert checkpoint.params_step_dir(tmp_path) == tmp_path / 'checkpoints' / '5'
+  best = BestCheckpoint(tmp_path)
+  best.consider(4, type('State', (), {'params': {'w': np.ones(2, np.float32)}})(),
+                {'eval_accuracy': 0.5})
+  best.close()
+  assert checkpoint.params_step_dir(tmp_path) == tmp_path / checkpoint.BEST_DIR / '4'
