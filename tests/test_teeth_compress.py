@@ -497,3 +497,37 @@ def test_unreadable_arrays_message_carries_the_read_error_gist(tmp_path):
   gist = str(err.value).split('/arrays: ', 1)[1]
   assert re.search(r'not found|does not exist|No such file', gist, re.IGNORECASE), gist
   assert 'None' not in gist
+
+
+@pytest.mark.parametrize('field', ['dtype', 'shape'])
+def test_loading_refuses_an_array_whose_dtype_or_shape_alone_differs_from_the_manifest(
+    tmp_path, field):
+  import json
+  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
+  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
+  manifest = json.loads(manifest_path.read_text())
+  leaf = next(l for l in manifest['leaves'] if len(l['arrays']['values']['shape']) == 2)
+  info = leaf['arrays']['values']
+  stored = f"{info['dtype']}{tuple(info['shape'])}"
+  if field == 'dtype':  # the same bytes per element, another type
+    info['dtype'] = {'float32': 'int32', 'int8': 'uint8'}.get(info['dtype'], 'float32')
+  else:  # the same number of elements, another shape
+    info['shape'] = info['shape'][::-1]
+  assert info['shape'][0] != info['shape'][1]
+  manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(storage.CompressedCheckpointError) as err:
+    storage.load_compressed(directory)
+  assert str(err.value) == (
+      f"Array 'values' of '{leaf['path']}' in {directory} is {stored}, the manifest says "
+      f"{info['dtype']}{tuple(info['shape'])}.")
+
+
+def test_cubic_schedule_errors_name_the_bad_value():
+  kw = dict(final_sparsity=0.5, begin_step=0, end_step=10)
+  for extra, message in [
+      ({'frequency': 0}, 'frequency must be an integer >= 1, got 0.'),
+      ({'begin_step': 4, 'end_step': 3}, 'end_step must be >= begin_step, got begin_step=4, '
+                                         'end_step=3.')]:
+    with pytest.raises(ValueError) as err:
+      prune.cubic_sparsity(0, **{**kw, **extra})
+    assert str(err.value) == message
