@@ -531,3 +531,68 @@ def test_cubic_schedule_errors_name_the_bad_value():
     with pytest.raises(ValueError) as err:
       prune.cubic_sparsity(0, **{**kw, **extra})
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize('num_pruned', [0, 1, 2, 3, 5, 7, 9])
+def test_joint_pruning_breaks_ties_across_arrays_in_order(num_pruned):
+  # Every |x| is equal (signs differ), so which entries go is decided by the tie order alone:
+  # earlier arrays first, then flat index, as a stable argsort of the concatenation.
+  arrays = [np.array([1.0, -1.0, 1.0]), np.array([[-1.0, 1.0]]), np.array([1.0, 1.0, -1.0, 1.0])]
+  order = np.argsort(np.abs(np.concatenate([a.ravel() for a in arrays])), kind='stable')
+  keep = np.ones(9, bool)
+  keep[order[:num_pruned]] = False
+  masks = prune._keep_masks([jnp.asarray(a, jnp.float32) for a in arrays], num_pruned)
+  got = np.concatenate([np.asarray(m).ravel() for m in masks])
+  np.testing.assert_array_equal(got, keep)
+  assert [m.shape for m in masks] == [a.shape for a in arrays]
+
+
+def test_gradual_pruning_update_without_params_says_how_to_call_it():
+  tx = prune.gradual_magnitude_pruning(0.5, 0, 4)
+  params = {'layers_0': {'mlp': {'kernel': jnp.ones((4, 4))}}}
+  state = tx.init(params)
+  with pytest.raises(ValueError) as err:
+    tx.update(params, state)
+  assert str(err.value) == ('gradual_magnitude_pruning needs the current params: call '
+                            'update(updates, state, params).')
+
+
+@pytest.mark.parametrize('fields,said', [
+    ({'format_version': 9}, "format 'trainbig_jax.compressed_params' version 9"),
+    ({'format': 'other'}, "format 'other' version 2"),
+])
+def test_a_manifest_of_another_format_or_version_is_refused_naming_both(tmp_path, fields, said):
+  import json
+  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
+  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
+  manifest = json.loads(manifest_path.read_text())
+  assert manifest['format_version'] == 2
+  manifest_path.write_text(json.dumps({**manifest, **fields}))
+  with pytest.raises(storage.CompressedCheckpointError) as err:
+    storage.load_compressed(directory)
+  assert str(err.value) == (f"{manifest_path} is {said}; expected "
+                            "'trainbig_jax.compressed_params' version 1 or 2.")
+
+
+def test_a_manifest_leaf_missing_from_the_arrays_is_named(tmp_path):
+  import json
+  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
+  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
+  manifest = json.loads(manifest_path.read_text())
+  leaf = manifest['leaves'][0]
+  leaf['path'] = leaf['path'].rsplit('/', 1)[0] + '/renamed'
+  manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(storage.CompressedCheckpointError) as err:
+    storage.load_compressed(directory)
+  assert str(err.value) == (f"Compressed checkpoint {directory} lacks array 'values' of "
+                            f"'{leaf['path']}'.")
+
+
+def test_an_empty_parameter_round_trips_through_storage(tmp_path):
+  # Orbax stores no zero-size array; loading rebuilds it from the manifest's shape and dtype.
+  params = {'layers_0': {'mlp': {'kernel': np.ones((4, 4), np.float32),
+                                 'bias': np.zeros((0, 3), np.int32)}}}
+  tree, _ = storage.load_compressed(
+      storage.save_compressed(tmp_path / 'c', storage.compress_tree(params)))
+  bias = tree['layers_0']['mlp']['bias']
+  assert bias.shape == (0, 3) and bias.dtype == np.int32
