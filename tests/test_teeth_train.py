@@ -482,3 +482,28 @@ def test_the_params_of_a_run_are_its_best_step_else_its_newest_and_none_is_an_er
                 {'eval_accuracy': 0.5})
   best.close()
   assert checkpoint.params_step_dir(tmp_path) == tmp_path / checkpoint.BEST_DIR / '4'
+
+
+def test_failure_gist_keeps_the_status_line_or_the_first_200_characters():
+  gist = checkpoint.failure_gist
+  tensorstore = ValueError(
+      'Error opening "zarr" driver: DATA_LOSS: Error reading local file "/run/x/0.0": '
+      'Unexpected end of data [source locations=\'tensorstore/a.cc:1\'] {"driver": "zarr"}')
+  assert gist(tensorstore) == 'DATA_LOSS: Error reading local file "/run/x/0.0": Unexpected end of data'
+  assert gist(RuntimeError('wrapped UNKNOWN:   no\n detail [at]')) == 'UNKNOWN: no detail'
+  assert gist(OSError('[Errno 28] No space left on device: /run/x')) == 'No space left on device'
+  long = 'x' * 150 + ' ' + 'y' * 150
+  assert gist(ValueError(long)) == long[:200]
+  assert gist(KeyError()) == 'KeyError'  # no text at all: the exception's type
+
+
+def test_evaluation_sums_are_averaged_over_their_weight_and_an_empty_split_is_an_error():
+  assert loop.summed_metrics({'loss': 3.0, 'correct': 1.0, 'weight': 1.0}) == {
+      'eval_loss': 3.0, 'eval_accuracy': 1.0}
+  assert loop.summed_metrics({'loss': 6.0, 'correct': 3.0, 'weight': 4.0}) == {
+      'eval_loss': 1.5, 'eval_accuracy': 0.75}
+  assert loop.summed_metrics({'loss': 0.0, 'correct': 0.0, 'weight': 0.0}) == {
+      'eval_loss': 0.0, 'eval_accuracy': 0.0}  # nothing weighed: no division by zero
+  with pytest.raises(ValueError) as err:
+    loop.evaluate(lambda params, batch: {}, None, [], mesh=None)
+  assert str(err.value) == 'The evaluation split gave no batches.'
