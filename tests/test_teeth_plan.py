@@ -272,3 +272,21 @@ def test_floor_fit_starts_from_the_best_log_log_line_over_a_grid_of_floors(monke
   # A fit that needs more than scipy's default budget (100 evaluations per parameter)
   # still converges instead of falling back to the floor-free form.
   assert kwargs['maxfev'] == 20000
+
+
+def test_several_sizes_without_a_fit_are_all_named():
+  one_eval = power_curve(40.0, 0.5, 2.5, [10.0])
+  curves = dict(CURVES, S=one_eval, L=one_eval)
+  rec = plan_lib.recommend(rows(), curves, train_budget_s=2000.0, serve_budget_mb=10.0)
+  assert rec['warnings'][0] == 'no learning-curve fit (fewer than 2 evals) for: S, L.'
+
+
+def test_backtest_names_the_sizes_it_could_fit_when_fewer_than_two():
+  late = power_curve(8.0, 0.5, 3.5, [300.0, 400.0])  # no eval in the first quarter
+  with pytest.raises(plan_lib.PlanError) as err:
+    plan_lib.backtest(dict(CURVES, M=late, L=late), fit_fraction=0.25)
+  assert str(err.value) == ('a backtest needs at least 2 evals in the first 0.25 of the time '
+                            'for 2 sizes; only S have them.')
+  with pytest.raises(plan_lib.PlanError) as err:
+    plan_lib.backtest({'M': late, 'L': late}, fit_fraction=0.25)
+  assert str(err.value).endswith('only none have them.')
