@@ -507,3 +507,21 @@ def test_evaluation_sums_are_averaged_over_their_weight_and_an_empty_split_is_an
   with pytest.raises(ValueError) as err:
     loop.evaluate(lambda params, batch: {}, None, [], mesh=None)
   assert str(err.value) == 'The evaluation split gave no batches.'
+
+
+def test_a_refused_resume_names_every_changed_setting_of_the_section(tmp_path):
+  checkpoint.write_config(tmp_path, tiny())
+  new = tiny()
+  new.data.mask_rate, new.data.seq_len = 0.2, 16
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    checkpoint.write_config(tmp_path, new)
+  assert str(err.value) == (f'{tmp_path} holds a run with other data settings (mask_rate, '
+                            'seq_len); use a new --workdir or the same config.')
+
+
+def test_the_checkpoint_manager_keeps_only_the_newest_steps(tmp_path):
+  mngr = checkpoint.manager(tmp_path, keep=2)
+  for step in range(1, 6):
+    checkpoint.save(mngr, step, {'w': np.full(2, step, np.float32)}, {}, {})
+  mngr.close()
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [4, 5]
