@@ -12,7 +12,8 @@ touched. The script prints, per module, the share of mutants killed and the surv
 survivors that no behaviour can tell from the original are listed with the reason in
 docs/mutation.md, and every other survivor should get a test.
 
-  python benchmarks/mutation.py                       # every module, cheapest first
+  make mutation                                       # 25 of each module's mutants
+  python benchmarks/mutation.py                       # every mutant of every module (hours)
   python benchmarks/mutation.py claims plan           # some modules (names as in MODULES)
   python benchmarks/mutation.py --max_children=1 --show_diffs storage
   python benchmarks/mutation.py --retest_survivors prune   # after adding tests
