@@ -544,3 +544,27 @@ def test_all_finite_is_true_without_floating_point_leaves():
   assert bool(all_finite({})) and bool(all_finite({'n': np.int32(3)}))
   assert bool(all_finite({'n': np.int32(3), 'x': np.ones(2, np.float32)}))
   assert not bool(all_finite({'n': np.int32(3), 'x': np.array([1.0, np.inf], np.float32)}))
+
+
+def test_the_train_step_trains_in_training_mode_and_reports_the_gradient_norm():
+  import jax.numpy as jnp
+  import optax
+  from trainbig_jax.train.state import TrainState
+  from trainbig_jax.train.steps import make_train_step
+  modes = []
+
+  def sums_fn(params, batch, rng, train):
+    modes.append(train)
+    return {'loss': jnp.sum(params['w'] * batch['x']), 'correct': jnp.float32(1.0),
+            'weight': jnp.float32(2.0), 'tokens': jnp.float32(8.0)}
+
+  tx = optax.sgd(0.5)
+  params = {'w': jnp.zeros(2, jnp.float32)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  x = np.array([3.0, 4.0], np.float32)
+  new, metrics = make_train_step(sums_fn, tx, 1)(state, {'x': x}, jax.random.key(0))
+  assert modes == [True]  # dropout on: the model is called for training
+  grad = x / 2.0  # the loss sum's gradient over its weight
+  assert float(metrics['grad_norm']) == pytest.approx(float(np.linalg.norm(grad)))
+  np.testing.assert_allclose(new.params['w'], -0.5 * grad)
+  assert bool(metrics['finite']) and int(new.step) == 1
