@@ -59,7 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 # and pytest's -x ends the run at the first failure.
 MODULES: dict[str, tuple[str, list[str]]] = {
     'claims': ('trainbig_jax/experiments/claims.py',
-               ['tests/test_teeth_claims.py', 'tests/test_report.py']),
+               ['tests/test_teeth_claims.py', 'tests/test_claims_intervals.py',
+                'tests/test_report.py']),
     'plan': ('trainbig_jax/experiments/plan.py',
              ['tests/test_teeth_plan.py', 'tests/test_report.py']),
     'storage': ('trainbig_jax/compress/storage.py',
