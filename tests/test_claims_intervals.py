@@ -216,3 +216,80 @@ def test_translation_results_without_bleu_statistics_fall_back_to_strict():
   v = verdicts(rows, old)
   for key in CLAIM_KEYS:
     assert v[key]['rules'] == 'strict' and "no 'bleu' values" in v[key]['rules_note']
+
+
+# --- the helpers under the interval verdicts ------------------------------------------------
+
+from trainbig_jax.experiments import claims as claims_lib  # noqa: E402
+
+
+def _comparison(verdict, interval):
+  return {'verdict': verdict, 'interval': interval,
+          'margin': None if interval is None else sum(interval) / 2, 'name': str(interval)}
+
+
+def test_the_decisive_comparison_is_the_clearest_refutation_or_the_weakest_support():
+  refuting = [_comparison('not held', [-0.5, -0.1]), _comparison('not held', [-0.3, -0.2])]
+  decided = claims_lib._decide(CLAIM_KEYS[0], refuting, {}, lambda c: c['name'], 'rule')
+  assert decided['verdict'] == 'not held' and decided['interval'] == [-0.3, -0.2]  # lowest upper
+  assert decided['explanation'] == ('rule; 2 comparison(s): 2 not held. Decisive: '
+                                    '[-0.3, -0.2]')
+  supporting = [_comparison('held', [0.1, 0.5]), _comparison('held', [0.2, 0.3])]
+  decided = claims_lib._decide(CLAIM_KEYS[0], supporting, {}, lambda c: c['name'], 'rule')
+  assert decided['verdict'] == 'held' and decided['interval'] == [0.1, 0.5]  # lowest lower
+  no_interval = [_comparison('undecided', None)]
+  decided = claims_lib._decide(CLAIM_KEYS[0], no_interval, {}, lambda c: c['name'], 'rule')
+  assert decided['explanation'] == 'rule; 1 comparison(s): 1 undecided.'
+  assert decided['margin'] is None and decided['interval'] is None
+
+
+def test_runs_reads_each_distinct_file_once_in_seed_order():
+  rows = [{'seed': 2, 'examples': 'c'}, {'seed': 0, 'examples': 'a'},
+          {'seed': 1, 'examples': 'a'}, {'seed': 3, 'examples': 'b'}]
+  files = {name: {'correct': np.full(2, i, float), 'weight': np.ones(2)}
+           for i, name in enumerate('abc')}
+  read = []
+  runs = claims_lib._runs(rows, 'examples', 'eval_accuracy',
+                          lambda f: read.append(f) or files[f])
+  assert read == ['a', 'c', 'b']  # seeds 0, 2, 3: seed 1's file is seed 0's
+  assert [r[0, 0] for r in runs] == [0.0, 2.0, 1.0] and runs[0].shape == (2, 2)
+
+
+def test_a_cell_interval_brackets_the_cells_metric_from_its_examples():
+  rng = np.random.default_rng(0)
+  correct = (rng.random(400) < 0.7).astype(float)
+  rows = [{'seed': 0, 'examples': 'x', 'metric_name': 'eval_accuracy'}]
+  files = {'x': {'correct': correct, 'weight': np.ones(400)}}
+  low, high = claims_lib.cell_interval(rows, files.get, n_resamples=200)
+  assert low < correct.mean() < high and high - low < 0.2
+  assert claims_lib.cell_interval(rows, None) is None  # no per-example data: no interval
+  assert claims_lib.cell_interval([{**rows[0], 'examples': None}], files.get) is None
+
+
+def test_a_flops_budget_is_labelled_in_training_flops():
+  rows = [{'model': 'S', 'total_params': 1, 'budget_kind': 'flops', 'pretrain_budget': 1e12,
+           'pretrain_budget_s': 0.0, 'seed': 0}]
+  budget = claims_lib.budget_of(rows)
+  assert budget['kind'] == 'flops' and budget['unit'] == 'training FLOPs'
+  assert budget['value'] == 1e12
+
+
+def test_claims_without_compressed_cells_are_undecided_with_the_verdicts_keys():
+  rows, examples = make_sweep(*clear(big_better=True))
+  dense = [r for r in rows if r['method'] == 'dense']
+  one_size = [r for r in rows if r['model'] == BIG]
+  for fn, cells in ((claims_lib.interval_bigger_more_robust, one_size),
+                    (claims_lib.interval_bigger_more_robust, dense),
+                    (claims_lib.interval_compressed_big_beats_small, one_size),
+                    (claims_lib.interval_compressed_big_beats_small, dense)):
+    v = fn(cells, examples.get)
+    assert v['held'] is None  # the strict rule could not decide: no comparison exists
+    assert (v['verdict'], v['rules'], v['margin'], v['interval']) == (
+        'undecided', 'interval', None, None)
+
+
+def test_the_equal_size_claim_keeps_the_strict_rules_incomparable_sizes():
+  rows, examples = make_sweep(*clear(big_better=True))
+  v = verdicts(rows, examples)[EQUAL_SIZE]
+  strict = claims_lib.claim_compressed_big_beats_small(claims_lib.aggregate_seeds(rows))
+  assert v['evidence']['not_comparable'] == strict['evidence']['not_comparable']
