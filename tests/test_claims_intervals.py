@@ -293,3 +293,44 @@ def test_the_equal_size_claim_keeps_the_strict_rules_incomparable_sizes():
   v = verdicts(rows, examples)[EQUAL_SIZE]
   strict = claims_lib.claim_compressed_big_beats_small(claims_lib.aggregate_seeds(rows))
   assert v['evidence']['not_comparable'] == strict['evidence']['not_comparable']
+
+
+def test_a_comparison_whose_interval_cannot_be_computed_is_undecided():
+  runs = lambda n: [np.column_stack([np.ones(n), np.ones(n)])]
+  c = claims_lib._compare(runs(3), runs(4), claims_lib.ratio_statistic, {'smaller': 'S'})
+  assert (c['verdict'], c['margin'], c['interval'], c['smaller']) == (
+      'undecided', None, None, 'S')
+  assert c['reason']
+
+
+def test_seeds_are_aggregated_into_one_row_per_cell_led_by_the_lowest_seed():
+  rows = [{'model': 'S', 'method': 'dense', 'sparsity': 0.0, 'bits': 32, 'seed': s,
+           'metric': m, 'examples': f'e{s}'} for s, m in ((2, 0.9), (0, 0.5), (1, 0.7))]
+  (cell,) = claims_lib.aggregate_seeds(rows)
+  assert cell['metric'] == pytest.approx(0.7) and cell['n_seeds'] == 3
+  assert cell['metric_std'] == pytest.approx(np.std([0.5, 0.7, 0.9]))
+  assert cell['examples'] == 'e0' and [r['seed'] for r in cell['seed_rows']] == [0, 1, 2]
+
+
+def test_budget_records_what_each_size_spent_and_the_tokens_unit():
+  rows = [{'model': 'S', 'total_params': 1, 'budget_kind': 'tokens', 'pretrain_budget': 1e6,
+           'pretrain_budget_s': 0.0, 'seed': s, 'pretrain_steps': 10 + s,
+           'pretrain_tokens': 1e6, 'pretrain_flops': 2e9, 'pretrain_wall_s': 3.0}
+          for s in (0, 1)]
+  budget = claims_lib.budget_of(rows)
+  assert budget['unit'] == 'tokens'
+  assert budget['spent'] == {'S': {'steps': 10.5, 'tokens': 1e6, 'flops': 2e9, 'wall_s': 3.0}}
+
+
+def test_interval_verdicts_name_the_largest_size_and_the_metric():
+  v = verdicts(*make_sweep(*clear(big_better=True)))
+  for key in CLAIM_KEYS:
+    assert v[key]['evidence']['largest'] == BIG, key
+    assert v[key]['evidence']['metric'] == ('loss' if key == LOSS else 'accuracy'), key
+
+
+def test_robustness_is_judged_on_quantization_alone_when_no_size_was_pruned():
+  rows, examples = make_sweep(*clear(big_better=True))
+  v = verdicts([r for r in rows if r['method'] != 'prune'], examples)[ROBUST]
+  assert [c['method'] for c in v['evidence']['comparisons']] == ['quantize']
+  assert v['verdict'] == 'held'
