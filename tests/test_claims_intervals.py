@@ -4,6 +4,7 @@ strict rules by name, and the fallback for results without per-example data."""
 import numpy as np
 import pytest
 
+from trainbig_jax.experiments import claims as claims_lib
 from trainbig_jax.experiments import uncertainty as unc
 from trainbig_jax.experiments.claims import CLAIM_KEYS, evaluate_claims
 from trainbig_jax.experiments.report import claims_table
@@ -219,8 +220,6 @@ def test_translation_results_without_bleu_statistics_fall_back_to_strict():
 
 
 # --- the helpers under the interval verdicts ------------------------------------------------
-
-from trainbig_jax.experiments import claims as claims_lib  # noqa: E402
 
 
 def _comparison(verdict, interval):

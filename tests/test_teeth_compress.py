@@ -6,6 +6,7 @@ change (benchmarks/mutation.py; docs/mutation.md lists what no behaviour can tel
 
 from __future__ import annotations
 
+import json
 import types
 
 import jax
@@ -467,12 +468,17 @@ def test_gradual_pruning_arguments_are_checked_with_one_clear_error():
     assert str(err.value) == message
 
 
-def test_loading_checks_payload_checksums_and_names_unreadable_arrays(tmp_path):
-  import json
-  import shutil
+def _saved_manifest(tmp_path):
+  """A compressed checkpoint saved under tmp_path: (its directory, its manifest's path, the
+  manifest as read), for tests that alter the manifest and write it back."""
   directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
   manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
-  manifest = json.loads(manifest_path.read_text())
+  return directory, manifest_path, json.loads(manifest_path.read_text())
+
+
+def test_loading_checks_payload_checksums_and_names_unreadable_arrays(tmp_path):
+  import shutil
+  directory, manifest_path, manifest = _saved_manifest(tmp_path)
   manifest['leaves'][0]['arrays']['values']['sha256'] = '0' * 64
   manifest_path.write_text(json.dumps(manifest))
   path = manifest['leaves'][0]['path']
@@ -502,10 +508,7 @@ def test_unreadable_arrays_message_carries_the_read_error_gist(tmp_path):
 @pytest.mark.parametrize('field', ['dtype', 'shape'])
 def test_loading_refuses_an_array_whose_dtype_or_shape_alone_differs_from_the_manifest(
     tmp_path, field):
-  import json
-  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
-  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
-  manifest = json.loads(manifest_path.read_text())
+  directory, manifest_path, manifest = _saved_manifest(tmp_path)
   leaf = next(l for l in manifest['leaves'] if len(l['arrays']['values']['shape']) == 2)
   info = leaf['arrays']['values']
   stored = f"{info['dtype']}{tuple(info['shape'])}"
@@ -562,10 +565,7 @@ def test_gradual_pruning_update_without_params_says_how_to_call_it():
     ({'format': 'other'}, "format 'other' version 2"),
 ])
 def test_a_manifest_of_another_format_or_version_is_refused_naming_both(tmp_path, fields, said):
-  import json
-  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
-  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
-  manifest = json.loads(manifest_path.read_text())
+  directory, manifest_path, manifest = _saved_manifest(tmp_path)
   assert manifest['format_version'] == 2
   manifest_path.write_text(json.dumps({**manifest, **fields}))
   with pytest.raises(storage.CompressedCheckpointError) as err:
@@ -575,10 +575,7 @@ def test_a_manifest_of_another_format_or_version_is_refused_naming_both(tmp_path
 
 
 def test_a_manifest_leaf_missing_from_the_arrays_is_named(tmp_path):
-  import json
-  directory = storage.save_compressed(tmp_path / 'c', storage.compress_tree(_params(5)))
-  manifest_path = tmp_path / 'c' / storage.MANIFEST_FILE
-  manifest = json.loads(manifest_path.read_text())
+  directory, manifest_path, manifest = _saved_manifest(tmp_path)
   leaf = manifest['leaves'][0]
   leaf['path'] = leaf['path'].rsplit('/', 1)[0] + '/renamed'
   manifest_path.write_text(json.dumps(manifest))
