@@ -6,10 +6,19 @@
 
 Each --variant is NAME:KEY=VALUE[,KEY=VALUE...]; a KEY starting with 'model.' or 'train.'
 overrides the config (the size flags are benchmarks/vs_pytorch.py's), any other KEY is an
-XLA compiler option for that variant's compile (e.g. xla_cpu_enable_fast_math=true). The
-variants share one train state; after a warm-up step each, they run in turn for --rounds
+XLA compiler option for that variant's compile (e.g. xla_cpu_enable_fast_math=true).
+Variants with the same parameter tree share one train state (layers under nn.scan have
+another tree than unrolled ones); after a warm-up step each, they run in turn for --rounds
 rounds, so load from other jobs falls on all of them alike. Prints the median step time of
-each and its speed-up over the first variant, with the load average; the last line is JSON.
+each, its speed-up over the first variant and its compiled peak memory per device (what XLA
+allocates: arguments, temporaries, outputs not aliased to donated inputs; the figure that
+decides a rematerialisation policy), with the load average; the last line is JSON. Where
+the device reports its memory (GPU, TPU), a variant whose peak exceeds it is listed as
+not fitting and not run.
+
+vs_pytorch.py's --set applies to every variant before its own overrides:
+  python benchmarks/ab_step.py --sizes=roberta_large --set=model.scan_layers=true \\
+      --variant=none:model.remat=none --variant=full:model.remat=full
 """
 
 from __future__ import annotations
@@ -28,25 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402
 import vs_pytorch  # noqa: E402
 
-
-def _value(text: str):
-  for parse in (int, float):
-    try:
-      return parse(text)
-    except ValueError:
-      pass
-  return {'true': True, 'false': False}.get(text.lower(), text)
+from trainbig_jax.train.memory import peak_bytes  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict, dict]:
   name, _, spec = text.partition(':')
-  overrides, options = {}, {}
-  for item in filter(None, spec.split(',')):
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'--variant={text!r}: {item!r} is not KEY=VALUE.')
-    (overrides if key.startswith(('model.', 'train.')) else options)[key] = _value(value)
+  try:
+    overrides, options = vs_pytorch.parse_settings(spec)
+  except ValueError as e:
+    raise ValueError(f'--variant={text!r}: {e}') from None
   return name, overrides, options
+
+
+def device_bytes_limit() -> int | None:
+  """What XLA may allocate on the first device (GPU, TPU); None where it reports no limit
+  (CPU)."""
+  return (jax.devices()[0].memory_stats() or {}).get('bytes_limit')
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,37 +62,52 @@ def main(argv: list[str] | None = None) -> dict:
   args = vs_pytorch.parse_args(rest)
   size = args.sizes.split(',')[0]
   variants = [parse_variant(v) for v in ours.variant]
-  runs, state = {}, None
+  # A variant whose compiled peak exceeds the device's memory is reported, not run (an
+  # out-of-memory failure would lose the shared, donated state).
+  limit = device_bytes_limit()
+  runs, peaks, tree_of, states = {}, {}, {}, {}
   for name, overrides, options in variants:
-    config = vs_pytorch.size_config(size, args)
-    for key, value in overrides.items():
-      section, field = key.split('.', 1)
-      config[section][field] = value
+    config = vs_pytorch.size_config(size, args, overrides)
     prepared = train_throughput.prepare_train(config)
     compiled = (prepared['lowered'].compile(compiler_options=options) if options
                 else prepared['compiled'])
-    state = state if state is not None else prepared['state']
+    peaks[name] = peak_bytes(compiled)
+    tree_of[name] = jax.tree.structure(prepared['state'])
+    states.setdefault(tree_of[name], prepared['state'])
+    if limit is not None and peaks[name] > limit:
+      continue
     batches = prepared['batches']
     runs[name] = lambda s, i, c=compiled, b=batches: c(s, b[i % len(b)], jax.random.key(1))
+  prepared = None  # only one state per parameter tree stays on the device
   times = {name: [] for name in runs}
-  for name, run in runs.items():  # warm-up
-    state, metrics = run(state, 0)
+
+  def timed_step(name: str, i: int) -> float:
+    t0 = time.perf_counter()
+    states[tree_of[name]], metrics = runs[name](states[tree_of[name]], i)
     jax.device_get(metrics)
+    return time.perf_counter() - t0
+
+  for name in runs:  # warm-up
+    timed_step(name, 0)
   for r in range(args.rounds):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      state, metrics = run(state, r)
-      jax.device_get(metrics)
-      times[name].append(time.perf_counter() - t0)
-  first = statistics.median(times[variants[0][0]])
+    for name in runs:
+      times[name].append(timed_step(name, r))
+  first = statistics.median(next(iter(times.values()))) if times else float('nan')
   print(f'{size}, batch {args.batch_size} x {args.seq_len}, {args.rounds} rounds, load '
-        f'average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
-  result = {'size': size, 'load': os.getloadavg()[0], 'variants': {}}
-  for name, ts in times.items():
-    median = statistics.median(ts)
-    print(f'  {name:24s} {median * 1e3:9.1f} ms  {first / median:5.2f}x')
-    result['variants'][name] = {'step_s_median': median, 'speedup': first / median,
-                                'step_s': ts}
+        f'average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores'
+        + (f', device memory {limit / 2 ** 30:.1f} GiB' if limit else ''))
+  result = {'size': size, 'load': os.getloadavg()[0], 'bytes_limit': limit, 'variants': {}}
+  for name, _, _ in variants:
+    peak = f'peak {peaks[name] / 2 ** 30:7.3f} GiB'
+    if name not in times:
+      print(f'  {name:24s} does not fit: {peak}')
+      result['variants'][name] = {'fits': False, 'peak_bytes': peaks[name]}
+      continue
+    median = statistics.median(times[name])
+    print(f'  {name:24s} {median * 1e3:9.1f} ms  {first / median:5.2f}x  {peak}')
+    result['variants'][name] = {'fits': True, 'step_s_median': median,
+                                'speedup': first / median, 'step_s': times[name],
+                                'peak_bytes': peaks[name]}
   print(json.dumps(result))
   return result
 

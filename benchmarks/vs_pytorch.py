@@ -2,6 +2,7 @@
 
   python benchmarks/vs_pytorch.py [--sizes=3x128,6x256,6x512,12x768] [--rounds=3]
       [--steps=2] [--seq_len=128] [--batch_size=32] [--vocab_size=8000] [--attention=...]
+      [--set=model.scan_layers=true,model.remat=full]   # any model./train. fields of the jax side
   python benchmarks/vs_pytorch.py --tiny     # seconds; what the test suite runs
 
 The same RoBERTa-style MLM model (post-LN, FFN 4x, 64-wide heads, learned positions, tied
@@ -20,9 +21,9 @@ tokens + attention; the trainer computes the vocabulary projection at the masked
 only, `transformers` at every position), given as a share of the best of a jitted N x N
 matmul (jax) and torch.matmul measured in the same run, beside the share jax's whole step
 would need to reach the target ratio (1.2x on a CPU, 1.3x on a GPU): above about 90% the
-target asks for the whole step, elementwise work included, at nearly the matmul rate. On a GPU the default sizes are
-roberta_base and roberta_large at sequence 512 with bf16 activations and cuDNN attention
-where available. The last line is one JSON object.
+target asks for the whole step, elementwise work included, at nearly the matmul rate. On a
+GPU the default sizes are roberta_base and roberta_large at sequence 512 with bf16
+activations and cuDNN attention where available. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
+# Both libraries share one GPU in this process: JAX would preallocate 75% of its memory and
+# leave PyTorch too little for roberta_large. 60% for JAX (read when its backend starts, so
+# this also holds for ab_step.py, which imports this module first); a user's setting wins.
+os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.6')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402  (the trainer's step, batches and FLOP counts)
@@ -67,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='activations (parameters stay fp32); default fp32 CPU, bf16 GPU')
   parser.add_argument('--attention', default=None,
                       help='model.attention of the jax side; default: the config default')
+  parser.add_argument('--set', default='', metavar='KEY=VALUE[,KEY=VALUE...]',
+                      help="model.* or train.* fields of the jax side's config, e.g. "
+                           'model.scan_layers=true,model.remat=full')
   parser.add_argument('--matmul_size', type=int, default=None, help='default 1024 CPU, 8192 GPU')
   parser.add_argument('--tiny', action='store_true', help='a seconds-long smoke run')
   args = parser.parse_args(argv)
@@ -82,11 +91,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.matmul_size = args.matmul_size or (8192 if gpu else 1024)
   if args.rounds < 1 or args.steps < 1:
     parser.error(f'--rounds={args.rounds} and --steps={args.steps} must be at least 1.')
+  try:
+    args.overrides, options = parse_settings(args.set)
+  except ValueError as e:
+    parser.error(str(e))
+  if options:
+    parser.error(f'--set={args.set!r}: {", ".join(options)} are not model.* or train.* fields.')
   return args
 
 
-def size_config(size: str, args: argparse.Namespace):
-  """A pretraining config for one size: 'LxH' (heads of 64, FFN 4x) or a preset name."""
+def _value(text: str):
+  for parse in (int, float):
+    try:
+      return parse(text)
+    except ValueError:
+      pass
+  return {'true': True, 'false': False}.get(text.lower(), text)
+
+
+def parse_settings(spec: str) -> tuple[dict, dict]:
+  """'KEY=VALUE,...' -> (config overrides: the model.* and train.* keys, other keys: XLA
+  compiler options); values parsed as int, float, true/false or left as text."""
+  overrides, options = {}, {}
+  for item in filter(None, spec.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'{item!r} in {spec!r} is not KEY=VALUE.')
+    (overrides if key.startswith(('model.', 'train.')) else options)[key] = _value(value)
+  return overrides, options
+
+
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets 'section.field' values in `config`; a field the config lacks is an error."""
+  for key, value in overrides.items():
+    section, field = key.split('.', 1)
+    if field not in config[section]:
+      raise ValueError(f'{key}={value!r}: config.{section} has no field {field!r}; it has '
+                       f'{", ".join(sorted(config[section]))}.')
+    config[section][field] = value
+
+
+def size_config(size: str, args: argparse.Namespace, overrides: dict | None = None):
+  """A pretraining config for one size: 'LxH' (heads of 64, FFN 4x) or a preset name, with
+  --set's overrides and then `overrides` applied."""
   if 'x' in size and size.replace('x', '').isdigit():
     layers, hidden = (int(s) for s in size.split('x'))
     c = pretrain_configs.set_size(pretrain_configs.base_config(), layers, hidden)
@@ -101,6 +148,7 @@ def size_config(size: str, args: argparse.Namespace):
     c.model.attention = args.attention
   c.train.batch_size, c.train.grad_accum_steps = args.batch_size, 1
   c.mesh.shape = (-1, 1, 1)
+  apply_overrides(c, {**getattr(args, 'overrides', {}), **(overrides or {})})
   check_config(c)
   return c
 
@@ -255,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   load_after = os.getloadavg()
   print(f'device: {device.device_kind} ({device.platform}), torch threads '
         f'{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}, '
-        f'{args.dtype}, batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab_size}')
+        f'{args.dtype}, batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab_size}'
+        + (f', jax side with {args.set}' if args.set else ''))
   print(f'matmul {args.matmul_size}^2 {args.dtype}: jax {matmul_jax / 1e9:.1f} GFLOP/s, '
         f'torch {matmul_torch / 1e9:.1f} GFLOP/s; load average {load_before[0]:.1f} -> '
         f'{load_after[0]:.1f} on {os.cpu_count()} cores')
@@ -273,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             'torch_threads': torch.get_num_threads(), 'dtype': args.dtype,
             'batch_size': args.batch_size, 'seq_len': args.seq_len,
             'vocab_size': args.vocab_size, 'rounds': args.rounds, 'steps': args.steps,
-            'matmul_size': args.matmul_size, 'matmul_jax_flops_per_s': matmul_jax,
+            'set': args.set, 'matmul_size': args.matmul_size, 'matmul_jax_flops_per_s': matmul_jax,
             'matmul_torch_flops_per_s': matmul_torch, 'load_before': load_before[0],
             'load_after': load_after[0], 'target_ratio': target, 'sizes': rows}
   print(json.dumps(result))

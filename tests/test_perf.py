@@ -154,6 +154,47 @@ def test_vs_pytorch_tiny_runs_both_sides():
   assert abs(row['jax_loss'] - row['torch_loss']) < 1.0
 
 
+def test_vs_pytorch_set_overrides_the_jax_side_config(capsys):
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import vs_pytorch
+  args = vs_pytorch.parse_args(['--tiny', '--set=model.scan_layers=true,model.remat=full,'
+                                'train.grad_clip=0.5'])
+  config = vs_pytorch.size_config('1x32', args, {'model.remat': 'dots_saveable'})
+  assert (config.model.scan_layers, config.model.remat, config.train.grad_clip) == (
+      True, 'dots_saveable', 0.5)  # a caller's overrides after --set's
+  with pytest.raises(SystemExit):
+    vs_pytorch.parse_args(['--tiny', '--set=xla_cpu_enable_fast_math=true'])
+  assert "xla_cpu_enable_fast_math are not model.* or train.* fields" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    vs_pytorch.parse_args(['--tiny', '--set=model.remat'])
+  assert "'model.remat' in 'model.remat' is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_ab_step_reports_remat_memory_and_skips_what_does_not_fit(monkeypatch):
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import ab_step
+  size = ['--sizes=2x32', '--seq_len=32', '--batch_size=64', '--vocab_size=128', '--rounds=1']
+  policies = [f'--variant={p}:model.remat={p}' for p in ('none', 'full')]
+  result = ab_step.main(size + ['--set=model.scan_layers=true'] + policies)
+  none, full = result['variants']['none'], result['variants']['full']
+  assert none['fits'] and full['fits'] and none['speedup'] == 1.0
+  # Under nn.scan, full rematerialisation keeps only each layer's input for the backward pass.
+  assert full['peak_bytes'] < 0.7 * none['peak_bytes']
+  # On a device that holds only the rematerialised step, the other is listed, not run.
+  limit = (none['peak_bytes'] + full['peak_bytes']) // 2
+  monkeypatch.setattr(ab_step, 'device_bytes_limit', lambda: limit)
+  result = ab_step.main(size + ['--set=model.scan_layers=true'] + policies)
+  assert result['variants']['none'] == {'fits': False, 'peak_bytes': none['peak_bytes']}
+  assert result['variants']['full']['fits'] and result['variants']['full']['speedup'] == 1.0
+  # Layers unrolled and under nn.scan have different parameter trees: one state each.
+  result = ab_step.main(size + ['--variant=unrolled:model.remat=none',
+                                '--variant=scanned:model.remat=full,model.scan_layers=true'])
+  assert result['variants']['scanned']['peak_bytes'] == full['peak_bytes']
+  assert all(v['fits'] for v in result['variants'].values())
+  with pytest.raises(ValueError, match="config.model has no field 'remmat'"):
+    ab_step.main(size + ['--variant=a:model.remmat=full'])
+
+
 class CountingIterator:
   """Host batches numbered 0, 1, ...; its state is the number drawn; fails at `fail_at`."""
 

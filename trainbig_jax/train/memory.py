@@ -220,15 +220,20 @@ def _measure_compiled(config_json: str, devices: tuple) -> dict[str, Any]:
   config = ml_collections.ConfigDict(json.loads(config_json))
   config.mesh.shape = tuple(config.mesh.shape)
   compiled, state, batch = compile_train_step(config, list(devices))
-  stats = compiled.memory_analysis()
   params = shard_bytes(state.params)
-  temp = int(stats.temp_size_in_bytes)
-  peak = (int(stats.argument_size_in_bytes) + temp
-          + max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes)))
+  temp = int(compiled.memory_analysis().temp_size_in_bytes)
   return {'params_bytes': params,
           'optimizer_bytes': shard_bytes(state.opt_state), 'gradient_bytes': params,
           'activation_bytes': max(0, temp - params), 'batch_bytes': shard_bytes(batch),
-          'peak_bytes': peak, 'flops_per_device': _flops(compiled)}
+          'peak_bytes': peak_bytes(compiled), 'flops_per_device': _flops(compiled)}
+
+
+def peak_bytes(compiled) -> int:
+  """One device's peak of a compiled program: its arguments, XLA's temporaries, and the
+  outputs that do not reuse (alias) a donated argument's buffer."""
+  stats = compiled.memory_analysis()
+  return (int(stats.argument_size_in_bytes) + int(stats.temp_size_in_bytes)
+          + max(0, int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes)))
 
 
 def _with(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
