@@ -68,13 +68,18 @@ def main(argv: list[str] | None = None) -> dict:
   runs, peaks, tree_of, states = {}, {}, {}, {}
   for name, overrides, options in variants:
     config = vs_pytorch.size_config(size, args, overrides)
+    t0 = time.perf_counter()
     prepared = train_throughput.prepare_train(config)
     compiled = (prepared['lowered'].compile(compiler_options=options) if options
                 else prepared['compiled'])
     peaks[name] = peak_bytes(compiled)
     tree_of[name] = jax.tree.structure(prepared['state'])
     states.setdefault(tree_of[name], prepared['state'])
-    if limit is not None and peaks[name] > limit:
+    fits = limit is None or peaks[name] <= limit
+    # As it goes: a run stopped by a time limit still shows what was compiled.
+    print(f'{name}: state and step ready in {time.perf_counter() - t0:.1f} s, peak '
+          f'{peaks[name] / 2 ** 30:.3f} GiB' + ('' if fits else ', does not fit'), flush=True)
+    if not fits:
       continue
     batches = prepared['batches']
     runs[name] = lambda s, i, c=compiled, b=batches: c(s, b[i % len(b)], jax.random.key(1))

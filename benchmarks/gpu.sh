@@ -86,7 +86,7 @@ remat_variants=""
 for r in none dots_with_no_batch_dims_saveable dots_saveable full; do
   remat_variants="$remat_variants --variant=$r:model.remat=$r"
 done
-step remat 80 $PY benchmarks/ab_step.py $RM --set=model.scan_layers=true $remat_variants
+step remat 100 $PY benchmarks/ab_step.py $RM --set=model.scan_layers=true $remat_variants
 # The fastest policy that fitted (full if none was measured).
 REMAT=$($PY -c '
 import json, sys
@@ -100,14 +100,14 @@ log "roberta_large runs with model.remat=$REMAT under nn.scan"
 
 if [ -n "$TORCH" ]; then
   step vs_base 70 $PY benchmarks/vs_pytorch.py $VS_BASE --attention=auto
-  step vs_large 110 $PY benchmarks/vs_pytorch.py $VS_LARGE --attention=auto \
+  step vs_large 100 $PY benchmarks/vs_pytorch.py $VS_LARGE --attention=auto \
     --set=model.scan_layers=true,model.remat=$REMAT
 else
   log "vs_pytorch: torch + transformers not importable here; skipped"
 fi
 step ab_attention 60 $PY benchmarks/ab_step.py $AB $variants
 step throughput 60 $PY benchmarks/train_throughput.py $TT
-step compress 100 $PY benchmarks/compress.py --skip_transforms --out_dir="$OUT/compress" $CB
+step compress 90 $PY benchmarks/compress.py --skip_transforms --out_dir="$OUT/compress" $CB
 
 $PY - "$OUT" <<'EOF' | tee "$OUT/gpu_table.md" | tee -a "$LOG"
 import json, sys
