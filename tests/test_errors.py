@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from damage import truncate_array_files
 from error_cases import CASES, DOC, Case, markdown
 from trainbig_jax.compress.checkpoints import compress_checkpoint
 from trainbig_jax.configs import compress as compress_configs
@@ -61,14 +62,10 @@ def _copy(src: Path, dst: Path) -> Path:
   return dst
 
 
-def _truncate_newest_array(run: Path) -> None:
-  # Truncated, not altered: flipped bytes can land in chunk data read back without a
-  # checksum and restore silently (see test_faults.damaged).
+def _truncate_newest_step(run: Path) -> None:
   step = max((p for p in (run / 'checkpoints').iterdir() if p.name.isdigit()),
              key=lambda p: int(p.name))
-  path = max((p for p in (step / 'state').rglob('*') if p.is_file() and '/d/' in str(p)),
-             key=lambda p: p.stat().st_size)
-  os.truncate(path, path.stat().st_size // 3)
+  truncate_array_files(step)
 
 
 def _other_tokenizer(tmp: Path) -> Path:
@@ -159,7 +156,7 @@ def _target(name: str, run: Path, compressed: Path, tmp: Path):
     return lambda: compress_checkpoint(tmp / 'empty', compress_cfg, tmp / 'out')
   if name in ('compress_damaged', 'eval_damaged', 'finetune_damaged'):
     target = _copy(run, tmp / 'run')
-    _truncate_newest_array(target)
+    _truncate_newest_step(target)
     return {'compress_damaged': lambda: compress_checkpoint(target, compress_cfg, tmp / 'out'),
             'eval_damaged': lambda: evaluate_checkpoint(target),
             'finetune_damaged': lambda: finetune(finetune_configs.get_config('demo'), target,

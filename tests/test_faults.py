@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from damage import largest_array_file, truncate_array_files
 
 from trainbig_jax.compress import storage
 from trainbig_jax.compress.checkpoints import compress_checkpoint, load_checkpoint_params
@@ -51,11 +52,6 @@ def _saved_params(workdir: Path) -> dict[int, dict]:
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   return {s: checkpoint._restore_params(workdir / 'checkpoints' / str(s) / 'state')
           for s in steps}
-
-
-def _largest_array_file(step_dir: Path) -> Path:
-  return max((p for p in (step_dir / 'state').rglob('*') if p.is_file() and '/d/' in str(p)),
-             key=lambda p: p.stat().st_size)
 
 
 def _cli(args, **kwargs):
@@ -142,16 +138,11 @@ def test_a_second_writer_is_refused_and_a_stale_lock_does_not_block(run, tmp_pat
 # ------------------------------------------------------------------ damaged files
 
 
-def _truncate_largest_array(step_dir: Path) -> None:
-  path = _largest_array_file(step_dir)
-  os.truncate(path, path.stat().st_size // 3)
-
-
 def _garble_data_position(step_dir: Path) -> None:
   (step_dir / 'data' / 'metadata').write_text('{"torn')
 
 
-@pytest.mark.parametrize('damage', [_truncate_largest_array, _garble_data_position])
+@pytest.mark.parametrize('damage', [truncate_array_files, _garble_data_position])
 def test_resume_falls_back_past_a_damaged_checkpoint(run, tmp_path, caplog, damage):
   workdir = _copy(run, tmp_path)
   damage(workdir / 'checkpoints' / '8')
@@ -169,16 +160,11 @@ def test_resume_falls_back_past_a_damaged_checkpoint(run, tmp_path, caplog, dama
 
 @pytest.fixture(scope='module')
 def damaged(run, tmp_path_factory):
-  """A copy of the run whose newest step has its largest array file truncated.
-
-  Truncated, not altered: flipped bytes inside an array file can land in stored chunk data
-  that TensorStore reads back without a checksum, so such a checkpoint sometimes restores
-  (with wrong values) and a test on it would pass or fail by chance. Truncation cuts off
-  byte ranges that the OCDBT index refers to, which every restore of the tree detects.
-  """
+  """A copy of the run whose newest step has its array files truncated (damage.py: why
+  truncated, and why all of them)."""
   workdir = tmp_path_factory.mktemp('damaged') / 'run'
   shutil.copytree(run, workdir)
-  _truncate_largest_array(workdir / 'checkpoints' / '8')
+  truncate_array_files(workdir / 'checkpoints' / '8')
   return workdir
 
 
@@ -248,7 +234,7 @@ def _no_space(workdir: Path, unprivileged: list[str] | None) -> list[str]:
   """A file size limit (RLIMIT_FSIZE, set by the shell: no fork-time code in this
   multithreaded process) of half the step's largest array file: that file cannot be written
   again, while metrics lines and small metadata files fit."""
-  limit_kib = _largest_array_file(workdir / 'checkpoints' / '8').stat().st_size // 2048
+  limit_kib = largest_array_file(workdir / 'checkpoints' / '8').stat().st_size // 2048
   assert limit_kib > 16
   return ['bash', '-c', f'ulimit -f {limit_kib} && exec "$@"', 'bash']
 
