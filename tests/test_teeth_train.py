@@ -343,6 +343,33 @@ def test_abandoned_read_errors_are_dropped_and_every_other_error_reaches_the_old
   assert seen == [(ValueError, other, None)]
 
 
+def test_abandoned_read_errors_are_dropped_while_the_restore_runs(tmp_path, monkeypatch):
+  """The reports of a failed restore's other reads can be printed before the failure reaches
+  the caller, so the hooks must be in place before each restore starts, not after."""
+  import sys
+  monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # undone after the test
+  monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
+  hooked_during = []
+
+  def failing_read(*args, **kwargs):
+    hooked_during.append(getattr(sys.excepthook, 'ignores_abandoned_reads', False))
+    raise ValueError('OUT_OF_RANGE: torn file')
+
+  mngr = checkpoint.manager(tmp_path)
+  checkpoint.save(mngr, 1, {'w': np.ones(3, np.float32)}, {'pos': 1}, {'step': 1})
+  for hook in ('excepthook', 'unraisablehook'):  # as in a fresh process
+    monkeypatch.setattr(sys, hook, getattr(sys, f'__{hook}__'))
+  monkeypatch.setattr(checkpoint, '_restore_params', failing_read)
+  with pytest.raises(checkpoint.CheckpointError, match='is damaged and cannot be read'):
+    checkpoint.restore_params(tmp_path)
+  for hook in ('excepthook', 'unraisablehook'):
+    monkeypatch.setattr(sys, hook, getattr(sys, f'__{hook}__'))
+  monkeypatch.setattr(checkpoint, '_restore_step', failing_read)
+  assert checkpoint.restore(mngr, {'w': np.zeros(3, np.float32)}) is None  # moved aside
+  mngr.close()
+  assert hooked_during == [True, True]
+
+
 def test_restore_falls_back_past_a_damaged_step_and_says_where_it_moved(tmp_path, caplog):
   import logging
   mngr = checkpoint.manager(tmp_path)
