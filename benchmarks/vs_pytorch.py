@@ -151,7 +151,7 @@ def size_config(size: str, args: argparse.Namespace, overrides: dict | None = No
     c.model.attention = args.attention
   c.train.batch_size, c.train.grad_accum_steps = args.batch_size, 1
   c.mesh.shape = (-1, 1, 1)
-  apply_overrides(c, {**getattr(args, 'overrides', {}), **(overrides or {})})
+  apply_overrides(c, {**args.overrides, **(overrides or {})})
   check_config(c)
   return c
 

@@ -355,15 +355,17 @@ def test_abandoned_read_errors_are_dropped_while_the_restore_runs(tmp_path, monk
     hooked_during.append(getattr(sys.excepthook, 'ignores_abandoned_reads', False))
     raise ValueError('OUT_OF_RANGE: torn file')
 
+  def hooks_of_a_fresh_process():
+    for hook in ('excepthook', 'unraisablehook'):
+      monkeypatch.setattr(sys, hook, getattr(sys, f'__{hook}__'))
+
   mngr = checkpoint.manager(tmp_path)
   checkpoint.save(mngr, 1, {'w': np.ones(3, np.float32)}, {'pos': 1}, {'step': 1})
-  for hook in ('excepthook', 'unraisablehook'):  # as in a fresh process
-    monkeypatch.setattr(sys, hook, getattr(sys, f'__{hook}__'))
+  hooks_of_a_fresh_process()
   monkeypatch.setattr(checkpoint, '_restore_params', failing_read)
   with pytest.raises(checkpoint.CheckpointError, match='is damaged and cannot be read'):
     checkpoint.restore_params(tmp_path)
-  for hook in ('excepthook', 'unraisablehook'):
-    monkeypatch.setattr(sys, hook, getattr(sys, f'__{hook}__'))
+  hooks_of_a_fresh_process()
   monkeypatch.setattr(checkpoint, '_restore_step', failing_read)
   assert checkpoint.restore(mngr, {'w': np.zeros(3, np.float32)}) is None  # moved aside
   mngr.close()
