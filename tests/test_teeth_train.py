@@ -343,9 +343,11 @@ def test_abandoned_read_errors_are_dropped_and_every_other_error_reaches_the_old
   assert seen == [(ValueError, other, None)]
 
 
-def test_abandoned_read_errors_are_dropped_while_the_restore_runs(tmp_path, monkeypatch):
+def test_abandoned_read_errors_are_dropped_while_the_restore_runs(tmp_path, monkeypatch,
+                                                                  caplog):
   """The reports of a failed restore's other reads can be printed before the failure reaches
   the caller, so the hooks must be in place before each restore starts, not after."""
+  import logging
   import sys
   monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # undone after the test
   monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
@@ -363,13 +365,29 @@ def test_abandoned_read_errors_are_dropped_while_the_restore_runs(tmp_path, monk
   checkpoint.save(mngr, 1, {'w': np.ones(3, np.float32)}, {'pos': 1}, {'step': 1})
   hooks_of_a_fresh_process()
   monkeypatch.setattr(checkpoint, '_restore_params', failing_read)
-  with pytest.raises(checkpoint.CheckpointError, match='is damaged and cannot be read'):
+  state_dir = tmp_path / 'checkpoints' / '1' / 'state'
+  with pytest.raises(checkpoint.CheckpointError) as err:
     checkpoint.restore_params(tmp_path)
+  assert str(err.value) == (f'{state_dir} is damaged and cannot be read (OUT_OF_RANGE: torn '
+                            'file); restore it from a copy or remove that step folder.')
   hooks_of_a_fresh_process()
   monkeypatch.setattr(checkpoint, '_restore_step', failing_read)
-  assert checkpoint.restore(mngr, {'w': np.zeros(3, np.float32)}) is None  # moved aside
+  with caplog.at_level(logging.WARNING):
+    assert checkpoint.restore(mngr, {'w': np.zeros(3, np.float32)}) is None  # moved aside
   mngr.close()
   assert hooked_during == [True, True]
+  (warning,) = [r.getMessage() for r in caplog.records if 'does not restore' in r.getMessage()]
+  assert f'checkpoints/1 does not restore (OUT_OF_RANGE: torn file): moved to' in warning
+  # A step folder without its state item is named as incomplete.
+  import shutil
+  mngr = checkpoint.manager(tmp_path)
+  checkpoint.save(mngr, 2, {'w': np.ones(3, np.float32)}, {'pos': 2}, {'step': 2})
+  mngr.close()
+  shutil.rmtree(tmp_path / 'checkpoints' / '2' / 'state')
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    checkpoint.restore_params(tmp_path)
+  assert str(err.value) == (f'{tmp_path}/checkpoints/2 is not a complete checkpoint: no state '
+                            'item.')
 
 
 def test_restore_falls_back_past_a_damaged_step_and_says_where_it_moved(tmp_path, caplog):
